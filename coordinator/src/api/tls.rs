@@ -1,0 +1,79 @@
+//! The agent listener's TLS: accept, handshake, read the client certificate,
+//! and serve HTTP with the caller's identity attached to every request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use kiln_protocol::TargetId;
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use x509_parser::extensions::GeneralName;
+
+use super::agent::Peer;
+use crate::app::PeerIdentity;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `router` over TLS on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, shutdown: CancellationToken) {
+    let acceptor = TlsAcceptor::from(tls);
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "agent listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = Peer(stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(identity));
+            let service = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer.clone());
+                req
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            tokio::select! {
+                r = conn => if let Err(e) = r { tracing::debug!(%remote, error = %e, "agent connection ended") },
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// The target and serial named in a verified client certificate.
+fn identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let san = x509.subject_alternative_name().ok()??;
+    let target = san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => TargetId::from_san_uri(uri),
+        _ => None,
+    })?;
+    Some(PeerIdentity { target, serial: hex::encode(x509.raw_serial()) })
+}

@@ -1,0 +1,57 @@
+//! The public `/v1` API. Handlers parse, call the application layer, and
+//! answer; the OpenAPI document is generated from these very handlers.
+
+mod builds;
+mod clouds;
+mod generators;
+mod logs;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::get;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::app::App;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "kiln", description = "Build consistent VM images on many clouds at once, without SSH."),
+    tags(
+        (name = "clouds", description = "Configured target clouds"),
+        (name = "generators", description = "Scripts and per-cloud base images, with immutable revisions"),
+        (name = "builds", description = "Runs of a revision on a set of clouds, and their logs"),
+    )
+)]
+struct ApiDoc;
+
+fn routes() -> OpenApiRouter<App> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(clouds::list, clouds::add))
+        .routes(routes!(clouds::show, clouds::remove))
+        .routes(routes!(generators::list, generators::create))
+        .routes(routes!(generators::show, generators::update))
+        .routes(routes!(generators::revisions))
+        .routes(routes!(generators::revision))
+        .routes(routes!(builds::list, builds::start))
+        .routes(routes!(builds::show))
+        .routes(routes!(builds::cancel))
+        .routes(routes!(logs::read))
+        .routes(routes!(logs::follow))
+}
+
+/// The OpenAPI document of the public API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The public router, with `/v1/openapi.json`.
+pub fn router(app: App) -> Router {
+    let body_limit = app.config().limits.max_script_bytes + 1024 * 1024;
+    let (router, api) = routes().split_for_parts();
+    router
+        .route("/v1/openapi.json", get(move || async move { axum::Json(api) }))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(app)
+}

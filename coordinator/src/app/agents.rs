@@ -1,0 +1,201 @@
+//! What an agent may do. Enrollment trades a one-time token and a CSR for a
+//! certificate; every later call is authorized by that certificate alone.
+
+use std::time::Duration;
+
+use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Instruction, Job, LogAck};
+use kiln_protocol::api::FailureReason;
+use kiln_protocol::{TargetId, Timestamp};
+
+use super::{App, AppError};
+use crate::pki::TokenHash;
+use crate::store::TokenRefusal;
+use crate::store::logs::Append;
+use crate::store::records::{CertRecord, TargetRecord};
+
+/// Who is calling, from the verified client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// From the certificate's SAN URI.
+    pub target: TargetId,
+    /// Lowercase hex of the certificate's serial number.
+    pub serial: String,
+}
+
+/// How long past the script's timeout an agent certificate stays valid.
+const CERT_SLACK: Duration = Duration::from_secs(3600);
+
+impl App {
+    /// Consumes the token, then signs a certificate for the CSR's key.
+    pub async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, AppError> {
+        let refused = |why: &str| AppError::Unauthorized(format!("enrollment refused: {why}"));
+        // The CSR is checked first so a garbled request does not burn the token.
+        if rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).is_err() {
+            return Err(refused("the certificate request is malformed or its signature is wrong"));
+        }
+        let hash = TokenHash::of(&req.token);
+        let now = Timestamp::now();
+        let target = match self.0.store.consume_token(&hash.0, req.target, now)? {
+            Ok(t) => t,
+            Err(TokenRefusal::Unknown) => {
+                self.0.store.flush().await?;
+                return Err(refused("the token is unknown, already used, or not this target's"));
+            }
+            Err(TokenRefusal::Expired) => {
+                self.0.store.flush().await?;
+                return Err(refused("the token has expired; start a new build"));
+            }
+        };
+        self.0.store.flush().await?;
+        let not_after = now + self.script_timeout(&target) + CERT_SLACK;
+        let issued = self.0.pki.issue(req.target, &req.csr_pem, not_after)?;
+        self.0.store.record_cert(&issued.serial, &CertRecord { target: req.target, not_after })?;
+        self.0.store.flush().await?;
+        tracing::info!(build = %target.build, target = %req.target, serial = %issued.serial, "agent enrolled");
+        self.notify();
+        Ok(EnrollResponse { certificate_pem: issued.pem, not_after })
+    }
+
+    /// Checks that `peer` may act for `target`, and returns the target.
+    pub fn authorize(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<TargetRecord, AppError> {
+        let peer = peer.ok_or_else(|| {
+            AppError::Unauthorized("this route needs the client certificate issued at enrollment".into())
+        })?;
+        if peer.target != target {
+            return Err(AppError::Forbidden(format!(
+                "this certificate belongs to target {}, not {target}",
+                peer.target
+            )));
+        }
+        let cert = self.0.store.cert(&peer.serial)?;
+        let record = self.0.store.target(target)?;
+        match (cert, record) {
+            (Some(c), Some(t)) if c.target == target && t.cert_serial.as_deref() == Some(peer.serial.as_str()) => {
+                if t.status.is_terminal() {
+                    Err(AppError::Forbidden(format!("target {target} has ended; its certificate opens nothing")))
+                } else {
+                    Ok(t)
+                }
+            }
+            _ => Err(AppError::Forbidden("this certificate was not issued to this target".into())),
+        }
+    }
+
+    /// The job: the revision's script and environment.
+    pub async fn job(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<Job, AppError> {
+        let t = self.authorize(peer, target)?;
+        let rev = self.revision(&t.generator, Some(t.revision))?;
+        let timeout = self.script_timeout(&t);
+        if t.timings.script_started_at.is_none() {
+            self.0.store.update_target(target, |r| {
+                r.timings.script_started_at.get_or_insert(Timestamp::now());
+            })?;
+            self.0.store.flush().await?;
+            self.notify();
+        }
+        let mut env = rev.spec.env.clone();
+        env.insert("KILN_BUILD".into(), t.build.to_string());
+        env.insert("KILN_CLOUD".into(), t.cloud.name.to_string());
+        Ok(Job { target, script: rev.spec.script, env, timeout_secs: timeout.as_secs() })
+    }
+
+    /// Appends a chunk idempotently and answers with the durable offset.
+    pub async fn append_log(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+        offset: u64,
+        bytes: bytes::Bytes,
+    ) -> Result<LogAck, AppError> {
+        self.authorize(peer, target)?;
+        match self.0.logs.append(target, offset, bytes).await? {
+            Append::Committed(committed) => {
+                self.notify();
+                Ok(LogAck { committed })
+            }
+            Append::Mismatch { committed } => Err(AppError::LogMismatch { committed }),
+        }
+    }
+
+    /// Records how the script ended, once every byte of its output is committed.
+    pub async fn report_exit(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+        report: ExitReport,
+    ) -> Result<LogAck, AppError> {
+        let t = self.authorize(peer, target)?;
+        let committed = self.0.logs.len(target).await?;
+        if committed < report.total_bytes {
+            return Err(AppError::LogMismatch { committed });
+        }
+        if committed > report.total_bytes {
+            let message = format!(
+                "the agent reported {} bytes of output but {committed} were committed",
+                report.total_bytes
+            );
+            self.0.store.update_target(target, |r| r.fail(FailureReason::Internal, message.clone()))?;
+            self.0.store.flush().await?;
+            self.notify();
+            return Err(AppError::Conflict(message));
+        }
+        if let Some(outcome) = &t.outcome {
+            if outcome != &report.outcome {
+                return Err(AppError::Conflict(format!("the exit was already reported as {outcome}")));
+            }
+        } else {
+            self.0.store.update_target(target, |r| {
+                r.outcome = Some(report.outcome.clone());
+                r.reported_total = Some(report.total_bytes);
+                r.timings.script_finished_at.get_or_insert(Timestamp::now());
+            })?;
+            self.0.store.flush().await?;
+            tracing::info!(build = %t.build, target = %target, outcome = %report.outcome, bytes = committed, "script ended");
+            self.notify();
+        }
+        Ok(LogAck { committed })
+    }
+
+    /// Long poll: the agent's next instruction, or `Wait` after `wait`.
+    pub async fn instruction(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+        wait: Duration,
+    ) -> Result<Instruction, AppError> {
+        let wait = wait.min(self.0.config.timeouts.instruction_wait);
+        let mut rx = self.0.changes.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            rx.mark_unchanged();
+            let t = self.authorize(peer, target)?;
+            if t.instruction != Instruction::Wait {
+                return Ok(t.instruction);
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return Ok(Instruction::Wait) },
+                () = tokio::time::sleep_until(deadline) => return Ok(Instruction::Wait),
+                () = self.0.shutdown.cancelled() => return Ok(Instruction::Wait),
+            }
+        }
+    }
+
+    /// The agent has sealed the machine and is powering off.
+    pub async fn sealing(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<(), AppError> {
+        self.authorize(peer, target)?;
+        self.0.store.update_target(target, |r| {
+            r.timings.sealed_at.get_or_insert(Timestamp::now());
+        })?;
+        self.0.store.flush().await?;
+        self.notify();
+        Ok(())
+    }
+
+    pub(crate) fn script_timeout(&self, t: &TargetRecord) -> Duration {
+        self.revision(&t.generator, Some(t.revision))
+            .ok()
+            .and_then(|r| r.spec.timeout_secs)
+            .map(Duration::from_secs)
+            .unwrap_or(self.0.config.timeouts.default_script)
+    }
+}

@@ -1,0 +1,289 @@
+//! Builds: start one revision on a set of clouds, watch it, cancel it, read its logs.
+
+use std::collections::BTreeSet;
+
+use futures::Stream;
+use kiln_protocol::agent::Instruction;
+use kiln_protocol::api::{
+    Build, BuildListQuery, BuildRequest, FailureReason, Status, Step, Target, Timings,
+};
+use kiln_protocol::{BuildId, TargetId, Timestamp};
+
+use super::{App, AppError};
+use crate::pki::TokenHash;
+use crate::store::records::{BuildRecord, TargetRecord};
+
+/// Largest byte range one log read returns.
+pub const MAX_LOG_READ: u64 = 8 * 1024 * 1024;
+/// Largest chunk one follow event carries.
+const FOLLOW_CHUNK: u64 = 256 * 1024;
+
+/// One event of a log follow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FollowEvent {
+    Chunk { offset: u64, bytes: Vec<u8> },
+    End { total: u64, status: Status },
+}
+
+impl App {
+    /// Checks the request, records the build and its targets, and starts them.
+    pub async fn start_build(&self, req: BuildRequest) -> Result<Build, AppError> {
+        let rev = self.revision(&req.generator, req.revision)?;
+        let clouds: Vec<_> = if req.clouds.is_empty() {
+            rev.spec.targets.keys().cloned().collect()
+        } else {
+            let mut seen = BTreeSet::new();
+            req.clouds.into_iter().filter(|c| seen.insert(c.clone())).collect()
+        };
+        if clouds.is_empty() {
+            return Err(AppError::BadRequest(format!(
+                "generator {} revision {} names no cloud: add a target (a cloud and its base image) and save",
+                rev.generator, rev.number
+            )));
+        }
+        if self.agent_binary().is_none() {
+            return Err(AppError::Unavailable(format!(
+                "the coordinator has no agent binary at {}: build kiln-agent and restart with --agent-binary",
+                self.0.config.agent_binary.display()
+            )));
+        }
+        let build_id = BuildId::generate();
+        let now = Timestamp::now();
+        let mut targets = Vec::new();
+        for name in &clouds {
+            let spec = rev.spec.targets.get(name).ok_or_else(|| {
+                let known: Vec<_> = rev.spec.targets.keys().map(|c| c.to_string()).collect();
+                AppError::BadRequest(format!(
+                    "generator {} revision {} has no target for cloud {name}; it has: {}",
+                    rev.generator,
+                    rev.number,
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                ))
+            })?;
+            let cloud = self.cloud(name)?;
+            let provider = self.0.providers.get(cloud.kind).ok_or_else(|| {
+                AppError::BadRequest(format!(
+                    "cloud {name} is of kind {}, which this coordinator has no provider for",
+                    cloud.kind.as_str()
+                ))
+            })?;
+            provider
+                .preflight(&cloud, spec)
+                .await
+                .map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
+            targets.push(TargetRecord {
+                id: TargetId::generate(),
+                build: build_id,
+                cloud,
+                spec: spec.clone(),
+                generator: rev.generator.clone(),
+                revision: rev.number,
+                status: Status::Submitted,
+                step: Step::Launch,
+                error: None,
+                instance: None,
+                image_id: None,
+                image: None,
+                enrolled: false,
+                cert_serial: None,
+                outcome: None,
+                reported_total: None,
+                instruction: Instruction::Wait,
+                timings: Timings { created_at: Some(now), ..Timings::default() },
+            });
+        }
+        let build = BuildRecord {
+            id: build_id,
+            generator: rev.generator.clone(),
+            revision: rev.number,
+            script_sha256: rev.script_sha256.clone(),
+            created_at: now,
+            targets: targets.iter().map(|t| t.id).collect(),
+            cancel_requested: false,
+        };
+        self.0.store.insert_build(&build, &targets)?;
+        self.0.store.flush().await?;
+        tracing::info!(build = %build_id, generator = %rev.generator, revision = rev.number, "build started");
+        for t in &targets {
+            crate::workflow::spawn(self, t.id);
+        }
+        self.build(build_id).await
+    }
+
+    pub async fn build(&self, id: BuildId) -> Result<Build, AppError> {
+        let record = self.0.store.build(id)?.ok_or_else(|| {
+            AppError::not_found(format!("build {id}"), "list builds with `kiln build list`")
+        })?;
+        self.build_view(record).await
+    }
+
+    pub async fn builds(&self, query: BuildListQuery) -> Result<Vec<Build>, AppError> {
+        let limit = query.limit.unwrap_or(50).clamp(1, 1000);
+        let records = self
+            .0
+            .store
+            .builds(limit, |b| query.generator.as_ref().is_none_or(|g| &b.generator == g))?;
+        let mut out = Vec::with_capacity(records.len());
+        for r in records {
+            out.push(self.build_view(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// Cancels every unfinished target of a build; each unwinds (terminates
+    /// its instance, deletes a half-made image) and ends `cancelled`.
+    pub async fn cancel_build(&self, id: BuildId) -> Result<Build, AppError> {
+        let build = self.build(id).await?;
+        if build.status.is_terminal() {
+            return Err(AppError::Conflict(format!("build {id} has already ended ({})", build.status.as_str())));
+        }
+        self.0.store.update_build(id, |b| b.cancel_requested = true)?;
+        for t in &build.targets {
+            self.0.store.update_target(t.id, |r| {
+                if !r.status.is_terminal() {
+                    r.fail(FailureReason::Cancelled, "cancelled by a user");
+                }
+            })?;
+        }
+        self.0.store.flush().await?;
+        for t in &build.targets {
+            crate::workflow::interrupt(self, t.id);
+        }
+        self.notify();
+        tracing::info!(build = %id, "build cancelled");
+        self.build(id).await
+    }
+
+    pub(crate) fn target_record(&self, id: TargetId) -> Result<TargetRecord, AppError> {
+        self.0
+            .store
+            .target(id)?
+            .ok_or_else(|| AppError::not_found(format!("target {id}"), "see a build's targets with `kiln build show`"))
+    }
+
+    /// Reads at most `limit` bytes of a target's log from `offset`.
+    pub async fn read_log(&self, id: TargetId, offset: u64, limit: u64) -> Result<Vec<u8>, AppError> {
+        self.target_record(id)?;
+        Ok(self.0.logs.read(id, offset, limit.min(MAX_LOG_READ)).await?)
+    }
+
+    /// Follows a target's log from `offset` until the target has ended and
+    /// every committed byte was sent.
+    pub fn follow_log(
+        &self,
+        id: TargetId,
+        offset: u64,
+    ) -> Result<impl Stream<Item = Result<FollowEvent, AppError>> + Send + use<>, AppError> {
+        self.target_record(id)?;
+        let app = self.clone();
+        let rx = self.0.changes.subscribe();
+        Ok(futures::stream::try_unfold((app, rx, offset, false), move |(app, mut rx, offset, done)| async move {
+            if done {
+                return Ok(None);
+            }
+            loop {
+                rx.mark_unchanged();
+                let len = app.0.logs.len(id).await?;
+                if len > offset {
+                    let bytes = app.0.logs.read(id, offset, FOLLOW_CHUNK).await?;
+                    let next = offset + bytes.len() as u64;
+                    return Ok(Some((FollowEvent::Chunk { offset, bytes }, (app, rx, next, false))));
+                }
+                let status = app.target_record(id)?.status;
+                if status.is_terminal() {
+                    return Ok(Some((FollowEvent::End { total: len, status }, (app, rx, offset, true))));
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return Ok(None) },
+                    () = app.0.shutdown.cancelled() => return Ok(None),
+                }
+            }
+        }))
+    }
+
+    async fn build_view(&self, record: BuildRecord) -> Result<Build, AppError> {
+        let mut targets = Vec::with_capacity(record.targets.len());
+        for id in &record.targets {
+            let t = self.target_record(*id)?;
+            targets.push(self.target_view(t).await?);
+        }
+        let status = build_status(targets.iter().map(|t| t.status));
+        let finished_at = if status.is_terminal() {
+            targets.iter().filter_map(|t| t.timings.finished_at).max()
+        } else {
+            None
+        };
+        Ok(Build {
+            id: record.id,
+            generator: record.generator,
+            revision: record.revision,
+            script_sha256: record.script_sha256,
+            created_at: record.created_at,
+            finished_at,
+            status,
+            cancel_requested: record.cancel_requested,
+            targets,
+        })
+    }
+
+    pub(crate) async fn target_view(&self, t: TargetRecord) -> Result<Target, AppError> {
+        let log_bytes = self.0.logs.len(t.id).await?;
+        Ok(Target {
+            id: t.id,
+            build: t.build,
+            cloud: t.cloud.name,
+            base_image: t.spec.base_image,
+            status: t.status,
+            step: t.step,
+            instance: t.instance,
+            image: t.image,
+            outcome: t.outcome,
+            error: t.error,
+            timings: t.timings,
+            log_bytes,
+        })
+    }
+
+    /// Forgets a target's outstanding token (the target ended before enrolling).
+    pub(crate) fn token_hash(&self, id: TargetId) -> TokenHash {
+        TokenHash::of(&self.0.pki.tokens().token(id))
+    }
+}
+
+/// A build's status from its targets': failed if any failed, cancelled if any
+/// was cancelled, successful when all succeeded, else running or submitted.
+pub fn build_status(targets: impl IntoIterator<Item = Status>) -> Status {
+    let all: Vec<Status> = targets.into_iter().collect();
+    if all.iter().any(|s| !s.is_terminal()) {
+        if all.iter().all(|s| *s == Status::Submitted) { Status::Submitted } else { Status::Running }
+    } else if all.contains(&Status::Failed) {
+        Status::Failed
+    } else if all.contains(&Status::Cancelled) {
+        Status::Cancelled
+    } else {
+        Status::Successful
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Status::*;
+
+    // The build's colour follows from its targets, one case per line.
+    #[test]
+    fn build_status_cases() {
+        let cases: &[(&[Status], Status)] = &[
+            (&[Submitted, Submitted], Submitted),
+            (&[Submitted, Running], Running),
+            (&[Successful, Running], Running),
+            (&[Successful, Successful], Successful),
+            (&[Successful, Failed], Failed),
+            (&[Cancelled, Successful], Cancelled),
+            (&[Cancelled, Failed], Failed),
+        ];
+        for (targets, want) in cases {
+            assert_eq!(build_status(targets.iter().copied()), *want, "{targets:?}");
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Clouds and generators: what a build is made from.
+
+use kiln_protocol::api::{Cloud, GeneratorSpec, GeneratorSummary, Revision};
+use kiln_protocol::{CloudName, GeneratorName, Timestamp};
+
+use super::{App, AppError, script_sha256};
+
+impl App {
+    pub async fn add_cloud(&self, cloud: Cloud) -> Result<Cloud, AppError> {
+        for (what, value) in [("region", &cloud.region), ("endpoint", &cloud.endpoint)] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(AppError::BadRequest(format!("{what} is empty: give a value or leave it out")));
+            }
+        }
+        self.0.store.insert_cloud(&cloud)?;
+        self.0.store.flush().await?;
+        Ok(cloud)
+    }
+
+    pub fn clouds(&self) -> Result<Vec<Cloud>, AppError> {
+        Ok(self.0.store.clouds()?)
+    }
+
+    pub fn cloud(&self, name: &CloudName) -> Result<Cloud, AppError> {
+        self.0
+            .store
+            .cloud(name)?
+            .ok_or_else(|| AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`"))
+    }
+
+    pub async fn remove_cloud(&self, name: &CloudName) -> Result<(), AppError> {
+        if !self.0.store.remove_cloud(name)? {
+            return Err(AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`"));
+        }
+        self.0.store.flush().await?;
+        Ok(())
+    }
+
+    /// Creates a generator with its first revision.
+    pub async fn create_generator(&self, spec: GeneratorSpec) -> Result<Revision, AppError> {
+        self.check_spec(&spec)?;
+        let sha = script_sha256(&spec.script);
+        let rev = self.0.store.save_revision(spec, sha, Timestamp::now(), true)?;
+        self.0.store.flush().await?;
+        Ok(rev)
+    }
+
+    /// Saves a new revision of an existing generator.
+    pub async fn update_generator(&self, name: &GeneratorName, spec: GeneratorSpec) -> Result<Revision, AppError> {
+        if &spec.name != name {
+            return Err(AppError::BadRequest(format!(
+                "the body names generator {} but the URL names {name}; generators cannot be renamed",
+                spec.name
+            )));
+        }
+        self.check_spec(&spec)?;
+        let sha = script_sha256(&spec.script);
+        let rev = self.0.store.save_revision(spec, sha, Timestamp::now(), false)?;
+        self.0.store.flush().await?;
+        Ok(rev)
+    }
+
+    pub fn generators(&self) -> Result<Vec<GeneratorSummary>, AppError> {
+        let mut out = Vec::new();
+        for g in self.0.store.generators()? {
+            let latest = self.revision(&g.name, Some(g.latest))?;
+            out.push(GeneratorSummary {
+                name: g.name,
+                description: latest.spec.description.clone(),
+                latest_revision: g.latest,
+                updated_at: g.updated_at,
+                clouds: latest.spec.targets.keys().cloned().collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A revision, the latest when `number` is `None`.
+    pub fn revision(&self, name: &GeneratorName, number: Option<u32>) -> Result<Revision, AppError> {
+        let head = self.0.store.generator(name)?.ok_or_else(|| {
+            AppError::not_found(format!("generator {name}"), "list them with `kiln generator list`")
+        })?;
+        let number = number.unwrap_or(head.latest);
+        self.0.store.revision(name, number)?.ok_or_else(|| {
+            AppError::NotFound(format!(
+                "generator {name} has no revision {number}; it has revisions 1 to {}",
+                head.latest
+            ))
+        })
+    }
+
+    pub fn revisions(&self, name: &GeneratorName) -> Result<Vec<Revision>, AppError> {
+        self.revision(name, None)?;
+        Ok(self.0.store.revisions(name)?)
+    }
+
+    fn check_spec(&self, spec: &GeneratorSpec) -> Result<(), AppError> {
+        let limits = &self.0.config.limits;
+        if spec.script.trim().is_empty() {
+            return Err(AppError::BadRequest("the script is empty: give the commands to run".into()));
+        }
+        if spec.script.len() > limits.max_script_bytes {
+            return Err(AppError::BadRequest(format!(
+                "the script is {} bytes; the limit is {} bytes ({} KiB): move large files into the base image or fetch them from the script",
+                spec.script.len(),
+                limits.max_script_bytes,
+                limits.max_script_bytes / 1024
+            )));
+        }
+        if spec.script.contains('\0') {
+            return Err(AppError::BadRequest("the script contains a NUL byte".into()));
+        }
+        if let Some(t) = spec.timeout_secs {
+            let max = limits.max_script_timeout.as_secs();
+            if t == 0 || t > max {
+                return Err(AppError::BadRequest(format!("timeout_secs is {t}; give a value from 1 to {max}")));
+            }
+        }
+        for key in spec.env.keys() {
+            let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(AppError::BadRequest(format!(
+                    "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
+                )));
+            }
+        }
+        for (cloud, target) in &spec.targets {
+            if target.base_image.trim().is_empty() {
+                return Err(AppError::BadRequest(format!("the base image for cloud {cloud} is empty")));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! The application layer: the API handlers and the one-shot CLI call this; it
+//! owns the store, the log files, the PKI, the providers and the workflows.
+//!
+//! - [`catalog`]: clouds and generators with their revisions.
+//! - [`builds`]: starting, listing, showing and cancelling builds; logs.
+//! - [`agents`]: what an enrolled agent may do, authorized by its certificate.
+
+pub mod agents;
+pub mod builds;
+pub mod catalog;
+mod error;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kiln_protocol::TargetId;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use agents::PeerIdentity;
+pub use error::AppError;
+
+use crate::config::Config;
+use crate::pki::Pki;
+use crate::providers::{Providers, Served};
+use crate::store::Store;
+use crate::store::logs::LogFiles;
+
+/// The agent binary as served to instances, with its digest for user-data.
+#[derive(Clone)]
+pub struct AgentBinary {
+    pub bytes: bytes::Bytes,
+    pub sha256: String,
+}
+
+/// A handle on the running application; cheap to clone.
+#[derive(Clone)]
+pub struct App(pub(crate) Arc<Inner>);
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) logs: LogFiles,
+    pub(crate) pki: Pki,
+    pub(crate) providers: Providers,
+    pub(crate) config: Config,
+    pub(crate) served: Served,
+    pub(crate) agent_binary: Option<AgentBinary>,
+    /// Bumped on every change a waiter may care about (target state, logs).
+    pub(crate) changes: watch::Sender<()>,
+    /// The workflow tasks, so shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+    /// Cancelled at shutdown: workflows stop where they are, to be resumed.
+    pub(crate) shutdown: CancellationToken,
+    /// Per running target: cancelled to interrupt its current step.
+    pub(crate) interrupts: Mutex<HashMap<TargetId, CancellationToken>>,
+}
+
+impl App {
+    /// Opens the data directory (store, CA, logs) and resumes every unfinished
+    /// target. `served` says where instances reach the listeners.
+    pub fn open(config: Config, providers: Providers, served: Served) -> Result<Self, AppError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir)?;
+        let store = Store::open(&dir.join("db"))?;
+        let logs = LogFiles::open(&dir.join("logs"))?;
+        let pki = Pki::load_or_create(&dir.join("pki"), &config.certificate_names())?;
+        let agent_binary = load_agent_binary(&config.agent_binary);
+        let app = App(Arc::new(Inner {
+            store,
+            logs,
+            pki,
+            providers,
+            config,
+            served,
+            agent_binary,
+            changes: watch::Sender::new(()),
+            tasks: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            interrupts: Mutex::default(),
+        }));
+        crate::workflow::resume_all(&app)?;
+        Ok(app)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.0.pki
+    }
+
+    pub fn agent_binary(&self) -> Option<&AgentBinary> {
+        self.0.agent_binary.as_ref()
+    }
+
+    /// A receiver that wakes on every change of a target or a log.
+    pub fn subscribe_changes(&self) -> watch::Receiver<()> {
+        self.0.changes.subscribe()
+    }
+
+    /// Tells every waiter that something changed.
+    pub(crate) fn notify(&self) {
+        self.0.changes.send_replace(());
+    }
+
+    /// Stops every workflow where it is (each resumes at the next start) and
+    /// waits for them, so the store can be closed.
+    pub async fn shutdown(&self) {
+        self.0.shutdown.cancel();
+        self.0.tasks.close();
+        self.0.tasks.wait().await;
+        let _ = self.0.store.flush().await;
+    }
+}
+
+fn load_agent_binary(path: &Path) -> Option<AgentBinary> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let sha256 = hex::encode(Sha256::digest(&bytes));
+            tracing::info!(path = %path.display(), %sha256, "serving agent binary");
+            Some(AgentBinary { bytes: bytes.into(), sha256 })
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no agent binary: builds will be refused until one is given with --agent-binary");
+            None
+        }
+    }
+}
+
+/// Hex SHA-256 of a script, as recorded in every revision.
+pub fn script_sha256(script: &str) -> String {
+    hex::encode(Sha256::digest(script.as_bytes()))
+}

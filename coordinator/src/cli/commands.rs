@@ -1,0 +1,322 @@
+//! The client commands: each is one or two API calls and a printout.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use futures::StreamExt;
+use kiln_protocol::api::{Build, BuildRequest, Cloud, CloudKind, GeneratorSummary, LogChunk, LogEnd, Revision, Target, Timings};
+use kiln_protocol::{BuildId, TargetId, Timestamp};
+
+use super::client::ApiFailure;
+use super::output::{Table, pairs, print};
+use super::{BuildCommand, Client, CloudCommand, Command, GeneratorCommand, GeneratorFile, Output};
+
+pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::Result<i32> {
+    match command {
+        Command::Serve(_) => unreachable!("serve runs in-process"),
+        Command::Cloud(c) => cloud(client, output, c).await.map(|()| 0),
+        Command::Generator(g) => generator(client, output, g).await.map(|()| 0),
+        Command::Build(b) => build(client, output, b).await,
+    }
+}
+
+async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow::Result<()> {
+    match command {
+        CloudCommand::Add { name, kind, region, endpoint, options } => {
+            let kind: CloudKind = serde_json::from_value(serde_json::Value::String(kind.clone()))
+                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu"))?;
+            let mut opts = BTreeMap::new();
+            for o in options {
+                let (k, v) = o.split_once('=').with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
+                opts.insert(k.to_owned(), v.to_owned());
+            }
+            let cloud = Cloud { name: name.parse()?, kind, region, endpoint, options: opts };
+            let c: Cloud = client.post("/v1/clouds", &cloud).await?;
+            print(output, &c, cloud_table);
+        }
+        CloudCommand::List => {
+            let clouds: Vec<Cloud> = client.get("/v1/clouds").await?;
+            print(output, &clouds, |cs| {
+                let mut t = Table::new(&["name", "kind", "region", "endpoint"]);
+                for c in cs {
+                    t.row(vec![c.name.to_string(), c.kind.as_str().into(), opt(&c.region), opt(&c.endpoint)]);
+                }
+                t
+            });
+        }
+        CloudCommand::Show { name } => {
+            let c: Cloud = client.get(&format!("/v1/clouds/{name}")).await?;
+            print(output, &c, cloud_table);
+        }
+        CloudCommand::Rm { name } => {
+            client.delete(&format!("/v1/clouds/{name}")).await?;
+            eprintln!("cloud {name} removed");
+        }
+    }
+    Ok(())
+}
+
+fn cloud_table(c: &Cloud) -> Table {
+    let mut p = vec![("name", c.name.to_string()), ("kind", c.kind.as_str().to_string())];
+    p.push(("region", opt(&c.region)));
+    p.push(("endpoint", opt(&c.endpoint)));
+    for (k, v) in &c.options {
+        p.push(("option", format!("{k}={v}")));
+    }
+    pairs(&p)
+}
+
+fn opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".into())
+}
+
+async fn generator(client: &Client, output: Output, command: GeneratorCommand) -> anyhow::Result<()> {
+    match command {
+        GeneratorCommand::Create(src) => {
+            let spec = GeneratorFile::load(&src.file)?;
+            let rev: Revision = client.post("/v1/generators", &spec).await?;
+            print(output, &rev, revision_table);
+        }
+        GeneratorCommand::Update(src) => {
+            let spec = GeneratorFile::load(&src.file)?;
+            let rev: Revision = client.put(&format!("/v1/generators/{}", spec.name), &spec).await?;
+            print(output, &rev, revision_table);
+        }
+        GeneratorCommand::Show { name, revision } => {
+            let path = match revision {
+                Some(n) => format!("/v1/generators/{name}/revisions/{n}"),
+                None => format!("/v1/generators/{name}"),
+            };
+            let rev: Revision = client.get(&path).await?;
+            print(output, &rev, |r| {
+                let mut t = revision_table(r);
+                t.row(vec!["script:".into(), String::new()]);
+                for line in r.spec.script.lines() {
+                    t.row(vec![String::new(), line.to_owned()]);
+                }
+                t
+            });
+        }
+        GeneratorCommand::List => {
+            let gens: Vec<GeneratorSummary> = client.get("/v1/generators").await?;
+            print(output, &gens, |gs| {
+                let mut t = Table::new(&["name", "revision", "clouds", "updated", "description"]);
+                for g in gs {
+                    let clouds: Vec<String> = g.clouds.iter().map(ToString::to_string).collect();
+                    t.row(vec![
+                        g.name.to_string(),
+                        g.latest_revision.to_string(),
+                        clouds.join(","),
+                        g.updated_at.to_string(),
+                        g.description.clone(),
+                    ]);
+                }
+                t
+            });
+        }
+        GeneratorCommand::Revisions { name } => {
+            let revs: Vec<Revision> = client.get(&format!("/v1/generators/{name}/revisions")).await?;
+            print(output, &revs, |rs| {
+                let mut t = Table::new(&["revision", "created", "script sha256"]);
+                for r in rs {
+                    t.row(vec![r.number.to_string(), r.created_at.to_string(), r.script_sha256.clone()]);
+                }
+                t
+            });
+        }
+    }
+    Ok(())
+}
+
+fn revision_table(r: &Revision) -> Table {
+    let mut p = vec![
+        ("generator", r.generator.to_string()),
+        ("revision", r.number.to_string()),
+        ("created", r.created_at.to_string()),
+        ("script sha256", r.script_sha256.clone()),
+    ];
+    for (cloud, t) in &r.spec.targets {
+        p.push(("target", format!("{cloud}: {}", t.base_image)));
+    }
+    pairs(&p)
+}
+
+async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow::Result<i32> {
+    match command {
+        BuildCommand::Start { generator, revision, clouds, wait } => {
+            let req = BuildRequest {
+                generator: generator.parse()?,
+                revision,
+                clouds: clouds.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
+            };
+            let b: Build = client.post("/v1/builds", &req).await?;
+            if !wait {
+                print(output, &b, build_table);
+                return Ok(0);
+            }
+            eprintln!("build {} of {} revision {}", b.id, b.generator, b.revision);
+            let done = super::wait::until_done(client, b.id).await?;
+            print(output, &done, build_table);
+            Ok(if done.status == kiln_protocol::api::Status::Successful { 0 } else { 1 })
+        }
+        BuildCommand::List { generator, limit } => {
+            let mut path = format!("/v1/builds?limit={limit}");
+            if let Some(g) = generator {
+                path.push_str(&format!("&generator={g}"));
+            }
+            let builds: Vec<Build> = client.get(&path).await?;
+            print(output, &builds, |bs| {
+                let mut t = Table::new(&["id", "generator", "revision", "status", "created", "clouds"]);
+                for b in bs {
+                    let clouds: Vec<String> =
+                        b.targets.iter().map(|t| format!("{}:{}", t.cloud, t.status.as_str())).collect();
+                    t.row(vec![
+                        b.id.to_string(),
+                        b.generator.to_string(),
+                        b.revision.to_string(),
+                        b.status.as_str().into(),
+                        b.created_at.to_string(),
+                        clouds.join(" "),
+                    ]);
+                }
+                t
+            });
+            Ok(0)
+        }
+        BuildCommand::Show { id } => {
+            let b: Build = client.get(&format!("/v1/builds/{id}")).await?;
+            print(output, &b, build_table);
+            Ok(0)
+        }
+        BuildCommand::Logs { id, cloud, follow } => {
+            let target = resolve_target(client, &id, cloud.as_deref()).await?;
+            if follow { follow_log(client, target).await } else { print_log(client, target).await }
+        }
+        BuildCommand::Cancel { id } => {
+            let b: Build = client.post(&format!("/v1/builds/{id}/cancel"), &()).await?;
+            print(output, &b, build_table);
+            Ok(0)
+        }
+    }
+}
+
+/// A target id, from a target id or from a build id plus a cloud.
+async fn resolve_target(client: &Client, id: &str, cloud: Option<&str>) -> anyhow::Result<TargetId> {
+    let parsed: BuildId = id.parse().with_context(|| format!("{id:?} is not a build or target id"))?;
+    let build: Result<Build, _> = client.get(&format!("/v1/builds/{parsed}")).await;
+    match build {
+        Ok(b) => {
+            let matching: Vec<&Target> =
+                b.targets.iter().filter(|t| cloud.is_none_or(|c| t.cloud.as_str() == c)).collect();
+            match matching.as_slice() {
+                [one] => Ok(one.id),
+                [] => bail!("build {id} has no target on cloud {}", cloud.unwrap_or("-")),
+                _ => bail!("build {id} has several targets: name one with --cloud"),
+            }
+        }
+        Err(e) if e.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == reqwest::StatusCode::NOT_FOUND) => {
+            Ok(TargetId(parsed.0))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn print_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
+    let mut offset = 0u64;
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        let resp = client.send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log?offset={offset}"))).await?;
+        let bytes = resp.bytes().await?;
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        stdout.write_all(&bytes)?;
+        offset += bytes.len() as u64;
+    }
+}
+
+async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
+    let resp = client.send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow"))).await?;
+    let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+    let mut stdout = std::io::stdout();
+    while let Some(event) = events.next().await {
+        let event = event.context("the log stream broke")?;
+        match event.event.as_str() {
+            "log" => {
+                let chunk: LogChunk = serde_json::from_str(&event.data)?;
+                let bytes = base64::engine::general_purpose::STANDARD.decode(chunk.data)?;
+                stdout.write_all(&bytes)?;
+                stdout.flush()?;
+            }
+            "end" => {
+                let end: LogEnd = serde_json::from_str(&event.data)?;
+                eprintln!("-- target {}, {} bytes of log", end.status.as_str(), end.total);
+                return Ok(if end.status == kiln_protocol::api::Status::Successful { 0 } else { 1 });
+            }
+            "error" => bail!("the coordinator stopped the log stream: {}", event.data),
+            _ => {}
+        }
+    }
+    bail!("the coordinator closed the log stream before the target ended; run the command again")
+}
+
+fn build_table(b: &Build) -> Table {
+    let mut t = pairs(&[
+        ("build", b.id.to_string()),
+        ("generator", format!("{} revision {}", b.generator, b.revision)),
+        ("script sha256", b.script_sha256.clone()),
+        ("status", b.status.as_str().into()),
+        ("created", b.created_at.to_string()),
+    ]);
+    for target in &b.targets {
+        t.row(vec![String::new(), String::new()]);
+        t.row(vec![format!("{}:", target.cloud), format!("{} (step {})", target.status.as_str(), target.step.as_str())]);
+        t.row(vec!["  target:".into(), target.id.to_string()]);
+        t.row(vec!["  base image:".into(), target.base_image.clone()]);
+        if let Some(i) = &target.instance {
+            t.row(vec!["  instance:".into(), i.clone()]);
+        }
+        if let Some(o) = &target.outcome {
+            t.row(vec!["  script:".into(), o.to_string()]);
+        }
+        if let Some(img) = &target.image {
+            t.row(vec!["  image:".into(), format!("{} ({})", img.id, img.name)]);
+            if let Some(sha) = &img.sha256 {
+                t.row(vec!["  image sha256:".into(), sha.clone()]);
+            }
+        }
+        let phases = phases(&target.timings);
+        if !phases.is_empty() {
+            let p: Vec<String> = phases.iter().map(|(n, s)| format!("{n} {s:.1}s")).collect();
+            t.row(vec!["  phases:".into(), p.join(", ")]);
+        }
+        t.row(vec!["  log:".into(), format!("{} bytes", target.log_bytes)]);
+        if let Some(e) = &target.error {
+            t.row(vec!["  error:".into(), format!("{:?} at {}", e.reason, e.step.as_str())]);
+            for line in e.message.lines() {
+                t.row(vec![String::new(), line.to_owned()]);
+            }
+        }
+    }
+    t
+}
+
+/// Durations of the phases a target went through, in seconds.
+pub fn phases(t: &Timings) -> Vec<(&'static str, f64)> {
+    let span = |a: Option<Timestamp>, b: Option<Timestamp>| match (a, b) {
+        (Some(a), Some(b)) => Some(b.duration_since(a).as_secs_f64()),
+        _ => None,
+    };
+    [
+        ("boot to agent", span(t.launched_at, t.agent_contact_at)),
+        ("script", span(t.script_started_at, t.script_finished_at)),
+        ("seal", span(t.script_finished_at, t.sealed_at)),
+        ("snapshot", span(t.sealed_at, t.image_ready_at)),
+        ("total", span(t.created_at, t.finished_at)),
+    ]
+    .into_iter()
+    .filter_map(|(n, d)| d.map(|d| (n, d)))
+    .collect()
+}

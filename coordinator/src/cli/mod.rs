@@ -1,0 +1,148 @@
+//! The `kiln` command line. Every command but `serve` is a client of the HTTP
+//! API; `serve` runs the coordinator in this process.
+
+mod client;
+mod commands;
+mod generator_file;
+mod output;
+mod serve;
+mod wait;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use client::Client;
+pub use generator_file::GeneratorFile;
+
+/// Build consistent VM images on many clouds at once, without SSH.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    /// The coordinator's API.
+    #[arg(long, global = true, env = "KILN_SERVER", default_value = "http://127.0.0.1:7700")]
+    pub server: String,
+    /// How to print results.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: API, agent listener, workflows.
+    Serve(serve::ServeArgs),
+    /// Configure target clouds.
+    #[command(subcommand)]
+    Cloud(CloudCommand),
+    /// Manage generators: a script plus a base image per cloud.
+    #[command(subcommand)]
+    Generator(GeneratorCommand),
+    /// Start and watch builds.
+    #[command(subcommand)]
+    Build(BuildCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CloudCommand {
+    /// Add a cloud.
+    Add {
+        name: String,
+        /// The provider: qemu.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// A provider-specific setting, KEY=VALUE (repeatable).
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
+    /// List clouds.
+    List,
+    /// Show a cloud.
+    Show { name: String },
+    /// Remove a cloud.
+    Rm { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GeneratorCommand {
+    /// Create a generator from a TOML file next to its script.
+    Create(GeneratorSource),
+    /// Save a new revision of a generator from its TOML file.
+    Update(GeneratorSource),
+    /// Show a generator's latest (or a given) revision.
+    Show {
+        name: String,
+        #[arg(long)]
+        revision: Option<u32>,
+    },
+    /// List generators.
+    List,
+    /// List a generator's revisions.
+    Revisions { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct GeneratorSource {
+    /// The generator's TOML file; its `script` is a path relative to it.
+    #[arg(long, short)]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildCommand {
+    /// Build a generator's revision on some or all of its clouds.
+    Start {
+        generator: String,
+        /// The revision (default: the latest).
+        #[arg(long)]
+        revision: Option<u32>,
+        /// A cloud to build on (repeatable; default: all of the generator's).
+        #[arg(long = "cloud")]
+        clouds: Vec<String>,
+        /// Show progress until the build ends; exit non-zero if a target failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List builds, newest first.
+    List {
+        #[arg(long)]
+        generator: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Show a build: per cloud its state, timings, image and error.
+    Show { id: String },
+    /// Print a target's log (give a target id, or a build id and --cloud).
+    Logs {
+        id: String,
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Keep printing as the log grows, until the target ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancel a build: its targets unwind and end cancelled.
+    Cancel { id: String },
+}
+
+/// Runs a parsed command line; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await.map(|()| 0),
+        command => {
+            let client = Client::new(&cli.server)?;
+            commands::run(&client, cli.output, command).await
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `kiln serve`
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::config::Config;
+use crate::providers::Providers;
+use crate::server::{Listeners, Server};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where the database, CA and logs live.
+    #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln-data")]
+    pub data_dir: PathBuf,
+    /// The public API and web page.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// The mTLS listener agents call.
+    #[arg(long, default_value = "0.0.0.0:7701")]
+    pub agent_listen: SocketAddr,
+    /// The plain-HTTP listener that serves the agent binary.
+    #[arg(long, default_value = "0.0.0.0:7702")]
+    pub bootstrap_listen: SocketAddr,
+    /// The host instances use to reach this coordinator (10.0.2.2 is the host as QEMU guests see it).
+    #[arg(long, default_value = "10.0.2.2")]
+    pub public_host: String,
+    /// Another DNS name or address for the agent listener's certificate (repeatable).
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+    /// The static agent binary (default: kiln-agent next to this executable).
+    #[arg(long, env = "KILN_AGENT_BINARY")]
+    pub agent_binary: Option<PathBuf>,
+    /// Largest script a generator may hold, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_script_bytes: usize,
+    /// Seconds from launch until the agent must have phoned home.
+    #[arg(long, default_value_t = 600)]
+    pub agent_timeout_secs: u64,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::new(args.data_dir);
+    config.public_host = args.public_host;
+    config.server_names = args.server_names;
+    if let Some(bin) = args.agent_binary {
+        config.agent_binary = bin;
+    }
+    config.limits.max_script_bytes = args.max_script_bytes;
+    config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);
+    let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)
+        .await
+        .context("cannot bind the listeners; is another kiln running? pick other ports with --listen, --agent-listen, --bootstrap-listen")?;
+    let server = Server::start(config, builtin_providers(), listeners).await.context("cannot start the coordinator")?;
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    tracing::info!("stopping; unfinished targets resume at the next start");
+    server.stop().await;
+    Ok(())
+}
+
+/// The providers compiled into kiln.
+pub fn builtin_providers() -> Providers {
+    Providers::new()
+}

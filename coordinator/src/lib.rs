@@ -1,0 +1,28 @@
+//! kiln's coordinator: it launches base VMs on many clouds, lets their agents
+//! phone home over mutual TLS, and turns each customized VM into an image.
+//!
+//! # Layout
+//! - [`api`]: HTTP only: the public `/v1` API, the mTLS agent listener, bootstrap.
+//! - [`app`]: the application layer the handlers call; owns everything below.
+//! - [`workflow`]: each target's saga of persisted steps with undo, resumed at start-up.
+//! - [`providers`]: the cloud trait and one module per cloud kind.
+//! - [`store`]: sled trees and the append-only log files.
+//! - [`pki`]: the CA, the agent listener's certificate, enrollment tokens.
+//! - [`cli`]: the `kiln` command line, a client of the HTTP API.
+//! - [`server`]: `kiln serve`, the app plus its listeners.
+//! - [`config`]: settings and their defaults.
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod pki;
+pub mod providers;
+pub mod server;
+pub mod store;
+pub mod workflow;
+
+pub use app::App;
+pub use config::Config;
+pub use providers::{Provider, Providers};
+pub use server::{Listeners, Server};

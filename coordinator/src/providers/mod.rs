@@ -1,0 +1,224 @@
+//! Clouds behind one trait: one module per cloud kind implements [`Provider`].
+//!
+//! The workflow calls these; nothing else in the coordinator knows a cloud's
+//! API. Every method is safe to call again after a crash: `launch` for the same
+//! target returns the same instance, and `terminate` / `delete_image` treat
+//! "not found" as success.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kiln_protocol::agent::Instruction;
+use kiln_protocol::api::{Cloud, CloudKind, Provenance, TargetSpec};
+use kiln_protocol::{BuildId, TargetId};
+
+/// A cloud's id for an instance (an EC2 instance id, a Nova server id, a pid).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InstanceId(pub String);
+
+/// A cloud's id for an image (an AMI id, a Glance image id, a file path).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageId(pub String);
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Display for ImageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a provider needs to start one target's instance.
+#[derive(Debug)]
+pub struct Launch<'a> {
+    pub target: TargetId,
+    pub build: BuildId,
+    pub cloud: &'a Cloud,
+    pub spec: &'a TargetSpec,
+    /// The rendered user-data: a shell script that fetches and starts the agent.
+    pub user_data: String,
+    /// A human-readable instance name.
+    pub name: String,
+    pub provenance: &'a Provenance,
+}
+
+/// What the coordinator's listeners look like from where kiln runs.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The host name or address instances should use by default.
+    pub public_host: String,
+    pub agent_port: u16,
+    pub bootstrap_port: u16,
+}
+
+/// The URLs an instance uses to reach the coordinator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentEndpoints {
+    /// Base URL of the mTLS agent listener.
+    pub agent_url: String,
+    /// Plain-HTTP URL of the agent binary.
+    pub agent_binary_url: String,
+}
+
+impl AgentEndpoints {
+    /// The endpoints at `host` on the served ports.
+    pub fn at(host: &str, served: &Served) -> Self {
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+        Self {
+            agent_url: format!("https://{host}:{}", served.agent_port),
+            agent_binary_url: format!(
+                "http://{host}:{}{}",
+                served.bootstrap_port,
+                kiln_protocol::agent::paths::AGENT_BINARY
+            ),
+        }
+    }
+}
+
+/// The state of an instance as the cloud reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopped,
+    /// Terminated, or never existed.
+    Gone,
+}
+
+/// What a provider learned about a finished image.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub size_bytes: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+/// How a cloud call failed, which decides what the workflow does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProviderErrorKind {
+    /// The thing does not exist.
+    NotFound,
+    /// The request was wrong: the user must change the cloud or the generator.
+    Invalid,
+    /// Throttling, timeouts, 5xx: worth retrying with backoff.
+    Transient,
+    /// Anything else.
+    Failed,
+}
+
+/// A failed cloud call, with the cloud's own error code when it has one.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{message}", code.as_ref().map(|c| format!("{c}: ")).unwrap_or_default())]
+pub struct ProviderError {
+    pub kind: ProviderErrorKind,
+    pub code: Option<String>,
+    /// What happened and what to fix.
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ProviderError {
+    pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, code: None, message: message.into(), source: None }
+    }
+
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == ProviderErrorKind::Transient
+    }
+}
+
+/// One kind of cloud.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Checks what can be checked before a build starts (the base image
+    /// exists, the options are known), so a bad build is refused up front.
+    async fn preflight(&self, cloud: &Cloud, spec: &TargetSpec) -> Result<(), ProviderError>;
+
+    /// The URLs the instance uses to reach the coordinator. By default the
+    /// cloud's `coordinator_host` option, else the coordinator's public host.
+    fn endpoints(&self, cloud: &Cloud, served: &Served) -> AgentEndpoints {
+        let host = cloud.options.get("coordinator_host").unwrap_or(&served.public_host);
+        AgentEndpoints::at(host, served)
+    }
+
+    /// What the agent is told after a successful script: `Seal` on real
+    /// clouds; test beds that run the agent on the host say `Finish`.
+    fn after_script(&self) -> Instruction {
+        Instruction::Seal
+    }
+
+    /// Starts an instance for `launch.target`; idempotent per target.
+    async fn launch(&self, launch: &Launch<'_>) -> Result<InstanceId, ProviderError>;
+
+    async fn state(&self, cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError>;
+
+    /// The last lines of the instance's console, for error messages.
+    async fn console_tail(&self, cloud: &Cloud, instance: &InstanceId) -> Result<String, ProviderError>;
+
+    /// Stops an instance that did not power itself off.
+    async fn stop(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError>;
+
+    /// Starts turning a stopped instance into an image and returns its id at
+    /// once, so the id is recorded before the wait and can be undone.
+    async fn start_image(
+        &self,
+        cloud: &Cloud,
+        instance: &InstanceId,
+        name: &str,
+        provenance: &Provenance,
+    ) -> Result<ImageId, ProviderError>;
+
+    /// Waits until the image is usable.
+    async fn wait_image(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError>;
+
+    /// Terminates an instance; "not found" is success.
+    async fn terminate(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError>;
+
+    /// Deletes an image and what backs it; "not found" is success.
+    async fn delete_image(&self, cloud: &Cloud, image: &ImageId) -> Result<(), ProviderError>;
+}
+
+/// The providers this coordinator has, by cloud kind.
+#[derive(Clone, Default)]
+pub struct Providers {
+    by_kind: HashMap<CloudKind, Arc<dyn Provider>>,
+}
+
+impl fmt::Debug for Providers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.by_kind.keys()).finish()
+    }
+}
+
+impl Providers {
+    /// No providers; add them with [`Providers::with`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `provider` for clouds of `kind`.
+    pub fn with(mut self, kind: CloudKind, provider: Arc<dyn Provider>) -> Self {
+        self.by_kind.insert(kind, provider);
+        self
+    }
+
+    pub fn get(&self, kind: CloudKind) -> Option<Arc<dyn Provider>> {
+        self.by_kind.get(&kind).cloned()
+    }
+}

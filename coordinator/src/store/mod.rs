@@ -1,0 +1,445 @@
+//! The sled database: typed trees, JSON values, one schema version.
+//!
+//! Every write that something outside will rely on is followed by
+//! [`Store::flush`] before the acknowledgement leaves the process. Log bytes
+//! are not here: they live in append-only files ([`logs`]).
+
+pub mod logs;
+pub mod records;
+
+use std::path::Path;
+
+use kiln_protocol::api::{Cloud, GeneratorSpec, Image, Revision};
+use kiln_protocol::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::{Transactional, Tree};
+
+use records::{BuildRecord, CertRecord, GeneratorRecord, TargetRecord, TokenRecord};
+
+/// The layout version this code reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data directory {0} is in use by another kiln process; stop it or use another --data-dir")]
+    Locked(String),
+    #[error("database error")]
+    Sled(#[from] sled::Error),
+    #[error("a record in tree {tree} cannot be read")]
+    Corrupt {
+        tree: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the data directory has schema version {found}, this kiln reads version {expected}")]
+    SchemaMismatch { found: u32, expected: u32 },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+}
+
+/// Why a token did not enroll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRefusal {
+    /// Never issued, already used, or issued to another target.
+    Unknown,
+    Expired,
+}
+
+/// The trees of one kiln data directory.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    clouds: Tree,
+    generators: Tree,
+    revisions: Tree,
+    builds: Tree,
+    targets: Tree,
+    tokens: Tree,
+    certs: Tree,
+    images: Tree,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { tree, source })
+}
+
+fn revision_key(name: &GeneratorName, number: u32) -> Vec<u8> {
+    let mut key = name.as_str().as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&number.to_be_bytes());
+    key
+}
+
+fn prefix(name: &str) -> Vec<u8> {
+    let mut key = name.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// Unwraps a transaction's result into a store error.
+fn tx<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    })
+}
+
+fn abort<T>(e: StoreError) -> Result<T, ConflictableTransactionError<StoreError>> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(|e| match e {
+            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                StoreError::Locked(dir.display().to_string())
+            }
+            other => StoreError::Sled(other),
+        })?;
+        match db.get(SCHEMA_KEY)? {
+            None => {
+                db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) => {
+                let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
+                if found != SCHEMA_VERSION {
+                    return Err(StoreError::SchemaMismatch { found, expected: SCHEMA_VERSION });
+                }
+            }
+        }
+        Ok(Self {
+            clouds: db.open_tree("clouds")?,
+            generators: db.open_tree("generators")?,
+            revisions: db.open_tree("revisions")?,
+            builds: db.open_tree("builds")?,
+            targets: db.open_tree("targets")?,
+            tokens: db.open_tree("tokens")?,
+            certs: db.open_tree("certs")?,
+            images: db.open_tree("images")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable. Call before acknowledging anything.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // ---- clouds
+
+    pub fn insert_cloud(&self, cloud: &Cloud) -> Result<(), StoreError> {
+        let key = cloud.name.as_str().as_bytes();
+        match self.clouds.compare_and_swap(key, None::<&[u8]>, Some(encode(cloud)))? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(StoreError::AlreadyExists(format!("cloud {}", cloud.name))),
+        }
+    }
+
+    pub fn cloud(&self, name: &CloudName) -> Result<Option<Cloud>, StoreError> {
+        self.clouds.get(name.as_str())?.map(|v| decode("clouds", &v)).transpose()
+    }
+
+    pub fn clouds(&self) -> Result<Vec<Cloud>, StoreError> {
+        self.clouds.iter().values().map(|v| decode("clouds", &v?)).collect()
+    }
+
+    /// Removes a cloud; false when there was none.
+    pub fn remove_cloud(&self, name: &CloudName) -> Result<bool, StoreError> {
+        Ok(self.clouds.remove(name.as_str())?.is_some())
+    }
+
+    // ---- generators and revisions
+
+    /// Saves `spec` as a new revision. `create` asks for the first revision of a
+    /// new generator (refused if it exists); otherwise the generator must exist.
+    pub fn save_revision(
+        &self,
+        spec: GeneratorSpec,
+        script_sha256: String,
+        now: Timestamp,
+        create: bool,
+    ) -> Result<Revision, StoreError> {
+        let name = spec.name.clone();
+        let result = (&self.generators, &self.revisions).transaction(|(generators, revisions)| {
+            let head: Option<GeneratorRecord> = generators
+                .get(name.as_str())?
+                .map(|v| decode("generators", &v))
+                .transpose()
+                .or_else(abort)?;
+            let head = match (head, create) {
+                (Some(_), true) => return abort(StoreError::AlreadyExists(format!("generator {name}"))),
+                (None, false) => return abort(StoreError::NotFound(format!("generator {name}"))),
+                (None, true) => GeneratorRecord { name: name.clone(), latest: 1, created_at: now, updated_at: now },
+                (Some(h), false) => GeneratorRecord { latest: h.latest + 1, updated_at: now, ..h },
+            };
+            let revision = Revision {
+                generator: name.clone(),
+                number: head.latest,
+                created_at: now,
+                script_sha256: script_sha256.clone(),
+                spec: spec.clone(),
+            };
+            generators.insert(name.as_str(), encode(&head))?;
+            revisions.insert(revision_key(&name, head.latest), encode(&revision))?;
+            Ok(revision)
+        });
+        tx(result)
+    }
+
+    pub fn generator(&self, name: &GeneratorName) -> Result<Option<GeneratorRecord>, StoreError> {
+        self.generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose()
+    }
+
+    pub fn generators(&self) -> Result<Vec<GeneratorRecord>, StoreError> {
+        self.generators.iter().values().map(|v| decode("generators", &v?)).collect()
+    }
+
+    pub fn revision(&self, name: &GeneratorName, number: u32) -> Result<Option<Revision>, StoreError> {
+        self.revisions.get(revision_key(name, number))?.map(|v| decode("revisions", &v)).transpose()
+    }
+
+    /// All revisions of a generator, oldest first.
+    pub fn revisions(&self, name: &GeneratorName) -> Result<Vec<Revision>, StoreError> {
+        self.revisions.scan_prefix(prefix(name.as_str())).values().map(|v| decode("revisions", &v?)).collect()
+    }
+
+    // ---- builds and targets
+
+    /// Stores a new build and all its targets at once.
+    pub fn insert_build(&self, build: &BuildRecord, targets: &[TargetRecord]) -> Result<(), StoreError> {
+        let result = (&self.builds, &self.targets).transaction(|(builds, tree)| {
+            builds.insert(build.id.as_bytes(), encode(build))?;
+            for t in targets {
+                tree.insert(t.id.as_bytes(), encode(t))?;
+            }
+            Ok(())
+        });
+        tx(result)
+    }
+
+    pub fn build(&self, id: BuildId) -> Result<Option<BuildRecord>, StoreError> {
+        self.builds.get(id.as_bytes())?.map(|v| decode("builds", &v)).transpose()
+    }
+
+    /// Builds, newest first (ids are time-ordered), that pass `keep`, at most `limit`.
+    pub fn builds(
+        &self,
+        limit: usize,
+        keep: impl Fn(&BuildRecord) -> bool,
+    ) -> Result<Vec<BuildRecord>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.builds.iter().values().rev() {
+            let b: BuildRecord = decode("builds", &v?)?;
+            if keep(&b) {
+                out.push(b);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `f` to a build record atomically.
+    pub fn update_build(&self, id: BuildId, f: impl Fn(&mut BuildRecord)) -> Result<BuildRecord, StoreError> {
+        let mut last = None;
+        self.builds.update_and_fetch(id.as_bytes(), |old| {
+            let mut b: BuildRecord = serde_json::from_slice(old?).ok()?;
+            f(&mut b);
+            let bytes = encode(&b);
+            last = Some(b);
+            Some(bytes)
+        })?;
+        last.ok_or_else(|| StoreError::NotFound(format!("build {id}")))
+    }
+
+    pub fn target(&self, id: TargetId) -> Result<Option<TargetRecord>, StoreError> {
+        self.targets.get(id.as_bytes())?.map(|v| decode("targets", &v)).transpose()
+    }
+
+    /// Applies `f` to a target record atomically and returns the new record.
+    pub fn update_target(
+        &self,
+        id: TargetId,
+        f: impl Fn(&mut TargetRecord),
+    ) -> Result<TargetRecord, StoreError> {
+        let mut last = None;
+        self.targets.update_and_fetch(id.as_bytes(), |old| {
+            let mut t: TargetRecord = serde_json::from_slice(old?).ok()?;
+            f(&mut t);
+            let bytes = encode(&t);
+            last = Some(t);
+            Some(bytes)
+        })?;
+        last.ok_or_else(|| StoreError::NotFound(format!("target {id}")))
+    }
+
+    /// Every target whose workflow has not ended.
+    pub fn unfinished_targets(&self) -> Result<Vec<TargetRecord>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.targets.iter().values() {
+            let t: TargetRecord = decode("targets", &v?)?;
+            if !t.status.is_terminal() {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- enrollment tokens and certificates
+
+    /// Records the hash of `target`'s token, unless the agent already enrolled
+    /// (so a re-run launch step never revives a used token). Returns whether
+    /// the token is now outstanding.
+    pub fn offer_token(&self, hash: &str, record: &TokenRecord) -> Result<bool, StoreError> {
+        let result = (&self.tokens, &self.targets).transaction(|(tokens, targets)| {
+            let target: Option<TargetRecord> = targets
+                .get(record.target.as_bytes())?
+                .map(|v| decode("targets", &v))
+                .transpose()
+                .or_else(abort)?;
+            match target {
+                Some(t) if !t.enrolled && !t.status.is_terminal() => {
+                    tokens.insert(hash.as_bytes(), encode(record))?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        });
+        tx(result)
+    }
+
+    /// Consumes a token for `target` in one atomic step and marks the target
+    /// enrolled. A token is consumed even when it turns out expired.
+    pub fn consume_token(
+        &self,
+        hash: &str,
+        target: TargetId,
+        now: Timestamp,
+    ) -> Result<Result<TargetRecord, TokenRefusal>, StoreError> {
+        let result = (&self.tokens, &self.targets).transaction(|(tokens, targets)| {
+            let Some(bytes) = tokens.get(hash.as_bytes())? else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let record: TokenRecord = decode("tokens", &bytes).or_else(abort)?;
+            if record.target != target {
+                return Ok(Err(TokenRefusal::Unknown));
+            }
+            tokens.remove(hash.as_bytes())?;
+            if record.expires_at < now {
+                return Ok(Err(TokenRefusal::Expired));
+            }
+            let Some(tb) = targets.get(target.as_bytes())? else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let mut t: TargetRecord = decode("targets", &tb).or_else(abort)?;
+            if t.enrolled || t.status.is_terminal() {
+                return Ok(Err(TokenRefusal::Unknown));
+            }
+            t.enrolled = true;
+            t.timings.agent_contact_at = Some(now);
+            targets.insert(target.as_bytes(), encode(&t))?;
+            Ok(Ok(t))
+        });
+        tx(result)
+    }
+
+    /// Forgets an outstanding token (its target ended without enrolling).
+    pub fn remove_token(&self, hash: &str) -> Result<(), StoreError> {
+        self.tokens.remove(hash.as_bytes())?;
+        Ok(())
+    }
+
+    /// Records a certificate issued to `record.target`.
+    pub fn record_cert(&self, serial: &str, record: &CertRecord) -> Result<(), StoreError> {
+        self.certs.insert(serial.as_bytes(), encode(record))?;
+        self.update_target(record.target, |t| t.cert_serial = Some(serial.to_owned()))?;
+        Ok(())
+    }
+
+    pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
+        self.certs.get(serial.as_bytes())?.map(|v| decode("certs", &v)).transpose()
+    }
+
+    // ---- images
+
+    pub fn insert_image(&self, image: &Image) -> Result<(), StoreError> {
+        let mut key = prefix(image.cloud.as_str());
+        key.extend_from_slice(image.id.as_bytes());
+        self.images.insert(key, encode(image))?;
+        Ok(())
+    }
+
+    pub fn images(&self) -> Result<Vec<Image>, StoreError> {
+        self.images.iter().values().map(|v| decode("images", &v?)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn spec(name: &str) -> GeneratorSpec {
+        GeneratorSpec {
+            name: name.parse().unwrap(),
+            description: String::new(),
+            script: "echo hi".into(),
+            timeout_secs: None,
+            env: BTreeMap::new(),
+            targets: BTreeMap::new(),
+        }
+    }
+
+    // Every save makes a new immutable revision; creating twice is refused.
+    #[test]
+    fn revisions_accumulate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = Timestamp::now();
+        let r1 = store.save_revision(spec("g"), "a".into(), now, true).unwrap();
+        let r2 = store.save_revision(spec("g"), "b".into(), now, false).unwrap();
+        assert_eq!((r1.number, r2.number), (1, 2));
+        assert!(matches!(
+            store.save_revision(spec("g"), "c".into(), now, true),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            store.save_revision(spec("h"), "c".into(), now, false),
+            Err(StoreError::NotFound(_))
+        ));
+        let all = store.revisions(&"g".parse().unwrap()).unwrap();
+        assert_eq!(all.iter().map(|r| r.script_sha256.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    // A data directory written by another schema version is refused.
+    #[test]
+    fn schema_version_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::SchemaMismatch { found: 99, .. }), "{err}");
+    }
+}

@@ -1,0 +1,143 @@
+//! Messages between the agent inside a VM and the coordinator's agent listener.
+//!
+//! Every path but [`paths::ENROLL`] needs the client certificate issued at
+//! enrollment; the coordinator takes the target's identity from it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{TargetId, Timestamp};
+
+/// The agent listener's routes. The constants are route templates; build the
+/// concrete path with the function of the same name. The target in the path
+/// must be the one named in the client certificate, else `403`.
+pub mod paths {
+    use crate::TargetId;
+
+    pub const ENROLL: &str = "/agent/v1/enroll";
+    pub const JOB: &str = "/agent/v1/targets/{target}/job";
+    /// `PUT` with `?offset=N` and the raw bytes as body.
+    pub const LOG: &str = "/agent/v1/targets/{target}/log";
+    pub const EXIT: &str = "/agent/v1/targets/{target}/exit";
+    /// Long poll: answers when there is an instruction or after `?wait_secs=`.
+    pub const INSTRUCTION: &str = "/agent/v1/targets/{target}/instruction";
+    /// The agent says it is about to power off after sealing.
+    pub const SEALING: &str = "/agent/v1/targets/{target}/sealing";
+    /// The bootstrap listener's route for the agent binary (plain HTTP).
+    pub const AGENT_BINARY: &str = "/bootstrap/v1/kiln-agent";
+
+    fn fill(template: &str, target: TargetId) -> String {
+        template.replace("{target}", &target.to_string())
+    }
+    pub fn job(target: TargetId) -> String {
+        fill(JOB, target)
+    }
+    pub fn log(target: TargetId) -> String {
+        fill(LOG, target)
+    }
+    pub fn exit(target: TargetId) -> String {
+        fill(EXIT, target)
+    }
+    pub fn instruction(target: TargetId) -> String {
+        fill(INSTRUCTION, target)
+    }
+    pub fn sealing(target: TargetId) -> String {
+        fill(SEALING, target)
+    }
+}
+
+/// Sent once with the one-time token from user-data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub target: TargetId,
+    pub token: String,
+    /// A PKCS#10 request for a key the agent generated and never sends.
+    pub csr_pem: String,
+}
+
+/// The certificate the agent uses for every later request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EnrollResponse {
+    pub certificate_pem: String,
+    pub not_after: Timestamp,
+}
+
+/// What the agent runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Job {
+    pub target: TargetId,
+    pub script: String,
+    pub env: BTreeMap<String, String>,
+    pub timeout_secs: u64,
+}
+
+/// Query of a log `PUT`: where the body's bytes start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogOffset {
+    pub offset: u64,
+}
+
+/// The coordinator's answer to a log chunk: how many bytes are durable.
+/// Also the body of a `409` when the chunk did not fit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogAck {
+    pub committed: u64,
+}
+
+/// How the script ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ScriptOutcome {
+    Exited { code: i32 },
+    Signaled { signal: i32 },
+    TimedOut { after_secs: u64 },
+    /// The script could not be started (bad interpreter, no such file).
+    SpawnFailed { message: String },
+}
+
+impl ScriptOutcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, ScriptOutcome::Exited { code: 0 })
+    }
+}
+
+impl std::fmt::Display for ScriptOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ScriptOutcome::Exited { code } => write!(f, "exit code {code}"),
+            ScriptOutcome::Signaled { signal } => write!(f, "killed by signal {signal}"),
+            ScriptOutcome::TimedOut { after_secs } => write!(f, "timeout after {after_secs}s"),
+            ScriptOutcome::SpawnFailed { message } => write!(f, "could not start: {message}"),
+        }
+    }
+}
+
+/// Sent once every byte of output is committed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExitReport {
+    pub outcome: ScriptOutcome,
+    /// The length of the whole output; must equal the committed offset.
+    pub total_bytes: u64,
+}
+
+/// Query of the instruction long poll.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstructionWait {
+    pub wait_secs: Option<u64>,
+}
+
+/// What the agent does after reporting its exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Instruction {
+    /// Nothing yet: ask again.
+    Wait,
+    /// Remove the agent and every secret, sync, trim, power off.
+    Seal,
+    /// Remove the agent's own files and exit, leaving the machine running.
+    Finish,
+}

@@ -1,0 +1,312 @@
+//! The public `/v1` HTTP API: what the CLI and the web page send and receive.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::agent::ScriptOutcome;
+use crate::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
+
+/// Which provider drives a cloud.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CloudKind {
+    /// Local VMs under QEMU on the coordinator's machine.
+    Qemu,
+}
+
+impl CloudKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CloudKind::Qemu => "qemu",
+        }
+    }
+}
+
+/// A configured target cloud.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Cloud {
+    pub name: CloudName,
+    pub kind: CloudKind,
+    /// The region, for kinds that have regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The API endpoint, for kinds reached over an API (EC2-compatible, OpenStack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Kind-specific settings; the provider rejects keys it does not know.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+/// A generator as the user writes it: one script, and per cloud where to start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSpec {
+    pub name: GeneratorName,
+    #[serde(default)]
+    pub description: String,
+    /// The customization script; a `#!` line picks its interpreter, else `/bin/sh`.
+    pub script: String,
+    /// Hard limit for the script's run; the agent kills its whole process group after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Environment variables given to the script.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Per cloud: the base image and launch options.
+    pub targets: BTreeMap<CloudName, TargetSpec>,
+}
+
+/// Where a generator starts on one cloud.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    /// An AMI id, a Glance image id, or a local disk file.
+    pub base_image: String,
+    /// Instance type (EC2) or flavor (OpenStack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Subnet (EC2) or network (OpenStack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Provider-specific launch options.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+}
+
+/// An immutable saved version of a generator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Revision {
+    pub generator: GeneratorName,
+    /// 1 for the first save, then one more for each save.
+    pub number: u32,
+    pub created_at: Timestamp,
+    /// Hex sha256 of the script's bytes.
+    pub script_sha256: String,
+    pub spec: GeneratorSpec,
+}
+
+/// One line of the generator list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GeneratorSummary {
+    pub name: GeneratorName,
+    pub description: String,
+    pub latest_revision: u32,
+    pub updated_at: Timestamp,
+    pub clouds: Vec<CloudName>,
+}
+
+/// Starts a build of one generator revision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildRequest {
+    pub generator: GeneratorName,
+    /// The revision to build; the latest when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
+    /// The clouds to build on; all of the generator's clouds when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clouds: Vec<CloudName>,
+}
+
+/// The state of a build or of one of its targets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Submitted,
+    Running,
+    Successful,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    /// True once nothing more will happen.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Successful | Status::Failed | Status::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Submitted => "submitted",
+            Status::Running => "running",
+            Status::Successful => "successful",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The steps of a target's workflow, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Launch,
+    AwaitAgent,
+    Run,
+    Seal,
+    Snapshot,
+    Record,
+    CleanUp,
+    Done,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Launch => "launch",
+            Step::AwaitAgent => "await_agent",
+            Step::Run => "run",
+            Step::Seal => "seal",
+            Step::Snapshot => "snapshot",
+            Step::Record => "record",
+            Step::CleanUp => "clean_up",
+            Step::Done => "done",
+        }
+    }
+}
+
+/// Why a target did not succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The script exited non-zero or was killed by a signal.
+    ScriptFailed,
+    /// The script outlived its timeout and was killed with its children.
+    Timeout,
+    /// The agent did not phone home in time.
+    AgentUnreachable,
+    /// The cloud refused or failed a call.
+    Provider,
+    /// A user cancelled the build.
+    Cancelled,
+    /// The agent broke the protocol or the coordinator hit an internal error.
+    Internal,
+}
+
+/// The failure of one target: where, why, and what to do about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TargetError {
+    pub step: Step,
+    pub reason: FailureReason,
+    pub message: String,
+}
+
+/// When each phase of a target happened.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    pub created_at: Option<Timestamp>,
+    pub launched_at: Option<Timestamp>,
+    pub agent_contact_at: Option<Timestamp>,
+    pub script_started_at: Option<Timestamp>,
+    pub script_finished_at: Option<Timestamp>,
+    pub sealed_at: Option<Timestamp>,
+    pub image_ready_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+/// What went into an image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Provenance {
+    pub build: BuildId,
+    pub target: TargetId,
+    pub generator: GeneratorName,
+    pub revision: u32,
+    pub script_sha256: String,
+    pub cloud: CloudName,
+    pub base_image: String,
+}
+
+/// A build's output on one cloud.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// The cloud's id for the image (AMI id, Glance id, file path).
+    pub id: String,
+    pub name: String,
+    pub cloud: CloudName,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub provenance: Provenance,
+}
+
+/// One target of a build, as the API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Target {
+    pub id: TargetId,
+    pub build: BuildId,
+    pub cloud: CloudName,
+    pub base_image: String,
+    pub status: Status,
+    /// The step running now, or the last one when the target has ended.
+    pub step: Step,
+    /// The cloud's id of the instance, once launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Image>,
+    /// How the script ended, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<ScriptOutcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TargetError>,
+    pub timings: Timings,
+    /// Bytes of log committed so far.
+    pub log_bytes: u64,
+}
+
+/// A build and its targets.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Build {
+    pub id: BuildId,
+    pub generator: GeneratorName,
+    pub revision: u32,
+    pub script_sha256: String,
+    pub created_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Timestamp>,
+    /// Derived from the targets: failed if any failed, successful when all did.
+    pub status: Status,
+    pub cancel_requested: bool,
+    pub targets: Vec<Target>,
+}
+
+/// Filters for the build list.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct BuildListQuery {
+    /// Only builds of this generator.
+    pub generator: Option<GeneratorName>,
+    /// At most this many builds, newest first (default 50).
+    pub limit: Option<usize>,
+}
+
+/// A byte range of a target's log.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogRange {
+    /// First byte to return (default 0).
+    pub offset: Option<u64>,
+    /// At most this many bytes (default and maximum 8 MiB).
+    pub limit: Option<u64>,
+}
+
+/// One server-sent `log` event: bytes of the log from `offset`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogChunk {
+    pub offset: u64,
+    /// The bytes, base64 (standard alphabet, padded).
+    pub data: String,
+}
+
+/// The last server-sent event of a follow: the log is complete.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogEnd {
+    pub total: u64,
+    pub status: Status,
+}

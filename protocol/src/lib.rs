@@ -1,0 +1,20 @@
+//! kiln's wire types: everything that crosses a process boundary.
+//!
+//! # Layout
+//! - [`ids`]: typed identifiers (`BuildId`, `TargetId`, validated names).
+//! - [`api`]: the public `/v1` HTTP API's requests and views.
+//! - [`agent`]: the messages between the agent in a VM and the coordinator.
+//! - [`error`]: the JSON error body every endpoint returns.
+//!
+//! This crate knows nothing of tokio, axum or sled: it is serde types only, so
+//! the agent, the CLI and the coordinator agree on one definition.
+
+pub mod agent;
+pub mod api;
+pub mod error;
+pub mod ids;
+
+pub use ids::{BuildId, CloudName, GeneratorName, InvalidName, TargetId};
+
+/// A point in time, serialized as RFC 3339 in UTC.
+pub type Timestamp = jiff::Timestamp;

@@ -1,0 +1,8 @@
+//! kiln's integration tests, all in one binary so they build once.
+//! Each test starts its own coordinator on loopback ports (see `kiln_tests::bed`).
+
+mod api_errors;
+mod builds;
+mod enrollment;
+mod openapi;
+mod resilience;

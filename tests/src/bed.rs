@@ -1,0 +1,213 @@
+//! An in-process coordinator on loopback, driven through its HTTP API.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use futures::StreamExt;
+use kiln_coordinator::cli::Client;
+use kiln_coordinator::server::Addrs;
+use kiln_coordinator::{App, Config, Listeners, Providers, Server};
+use kiln_protocol::api::{Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, LogChunk, LogEnd, Revision, TargetSpec};
+use kiln_protocol::TargetId;
+use tempfile::TempDir;
+
+use crate::process::ProcessProvider;
+
+/// The longest any test waits for a build to end.
+pub const BUILD_LIMIT: Duration = Duration::from_secs(180);
+
+/// Knobs a test may turn.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub token_ttl: Duration,
+    pub agent_contact: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { token_ttl: Duration::from_secs(900), agent_contact: Duration::from_secs(60) }
+    }
+}
+
+/// A coordinator with the process provider as its `qemu` cloud kind.
+pub struct Bed {
+    pub dir: TempDir,
+    pub provider: Arc<ProcessProvider>,
+    pub client: Client,
+    server: Option<Server>,
+    addrs: Addrs,
+    opts: Options,
+}
+
+impl Bed {
+    pub async fn start() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(opts: Options) -> Self {
+        crate::init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let provider = Arc::new(ProcessProvider::new(&dir.path().join("provider")));
+        let any = "127.0.0.1:0".parse().unwrap();
+        let listeners = Listeners::bind(any, any, any).await.expect("bind");
+        let config = config(&dir, &opts);
+        let server = Server::start(config, providers(&provider), listeners).await.expect("start coordinator");
+        let addrs = server.addrs();
+        let client = Client::new(&format!("http://{}", addrs.api)).unwrap();
+        Self { dir, provider, client, server: Some(server), addrs, opts }
+    }
+
+    pub fn app(&self) -> &App {
+        self.server.as_ref().expect("running").app()
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// Stops the coordinator mid-flight and starts it again on the same data
+    /// directory and ports.
+    pub async fn restart(&mut self) {
+        self.server.take().expect("running").stop().await;
+        let listeners = Listeners::bind(self.addrs.api, self.addrs.agent, self.addrs.bootstrap).await.expect("rebind");
+        let server = Server::start(config(&self.dir, &self.opts), providers(&self.provider), listeners)
+            .await
+            .expect("restart coordinator");
+        self.server = Some(server);
+    }
+
+    /// Adds a cloud named `name` served by the process provider.
+    pub async fn add_cloud(&self, name: &str) {
+        let cloud = Cloud { name: name.parse().unwrap(), kind: CloudKind::Qemu, region: None, endpoint: None, options: BTreeMap::new() };
+        let _: Cloud = self.client.post("/v1/clouds", &cloud).await.expect("add cloud");
+    }
+
+    /// A generator with `script` on each of `clouds` (base image "process").
+    pub fn spec(name: &str, script: &str, clouds: &[&str]) -> GeneratorSpec {
+        GeneratorSpec {
+            name: name.parse().unwrap(),
+            description: String::new(),
+            script: script.into(),
+            timeout_secs: None,
+            env: BTreeMap::new(),
+            targets: clouds
+                .iter()
+                .map(|c| {
+                    let t = TargetSpec { base_image: "process".into(), instance_type: None, network: None, options: BTreeMap::new() };
+                    (c.parse().unwrap(), t)
+                })
+                .collect(),
+        }
+    }
+
+    pub async fn create_generator(&self, spec: &GeneratorSpec) -> Revision {
+        self.client.post("/v1/generators", spec).await.expect("create generator")
+    }
+
+    pub async fn start_build(&self, generator: &str) -> Build {
+        let req = BuildRequest { generator: generator.parse().unwrap(), revision: None, clouds: vec![] };
+        self.client.post("/v1/builds", &req).await.expect("start build")
+    }
+
+    /// Creates a generator on cloud `local` and builds it.
+    pub async fn build_script(&self, name: &str, script: &str, timeout_secs: Option<u64>) -> Build {
+        let mut spec = Self::spec(name, script, &["local"]);
+        spec.timeout_secs = timeout_secs;
+        self.create_generator(&spec).await;
+        self.start_build(name).await
+    }
+
+    /// Follows every target's log to its end, then returns the final build.
+    pub async fn wait(&self, build: &Build) -> Build {
+        for t in &build.targets {
+            self.follow(t.id).await;
+        }
+        self.client.get(&format!("/v1/builds/{}", build.id)).await.expect("get build")
+    }
+
+    /// The whole log as the live follow delivers it (waits for the target to end).
+    pub async fn follow(&self, target: TargetId) -> Vec<u8> {
+        self.follow_until(target, |_| false).await
+    }
+
+    /// Follows a target's log until `stop(log so far)` or the target's end.
+    pub async fn follow_until(&self, target: TargetId, mut stop: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+        let follow = async {
+            let resp = self
+                .client
+                .send(self.client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow")))
+                .await
+                .expect("follow");
+            let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+            let mut log = Vec::new();
+            while let Some(event) = events.next().await {
+                let event = event.expect("event stream");
+                match event.event.as_str() {
+                    "log" => {
+                        let chunk: LogChunk = serde_json::from_str(&event.data).unwrap();
+                        assert_eq!(chunk.offset, log.len() as u64, "follow events are contiguous");
+                        log.extend(base64::engine::general_purpose::STANDARD.decode(chunk.data).unwrap());
+                        if stop(&log) {
+                            return log;
+                        }
+                    }
+                    "end" => {
+                        let end: LogEnd = serde_json::from_str(&event.data).unwrap();
+                        assert_eq!(end.total, log.len() as u64);
+                        return log;
+                    }
+                    other => panic!("unexpected event {other}: {}", event.data),
+                }
+            }
+            panic!("the follow stream ended without an end event");
+        };
+        tokio::time::timeout(BUILD_LIMIT, follow).await.expect("target did not end in time")
+    }
+
+    /// The whole log through the byte-range endpoint.
+    pub async fn log(&self, target: TargetId) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let resp = self
+                .client
+                .send(self.client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log?offset={}", out.len())))
+                .await
+                .expect("read log");
+            let bytes = resp.bytes().await.unwrap();
+            if bytes.is_empty() {
+                return out;
+            }
+            out.extend_from_slice(&bytes);
+        }
+    }
+
+    /// The agent listener's URL and the CA that signs it.
+    pub fn agent_url(&self) -> String {
+        format!("https://{}", self.addrs.agent)
+    }
+}
+
+fn config(dir: &TempDir, opts: &Options) -> Config {
+    let mut config = Config::new(dir.path().join("data"));
+    config.public_host = "127.0.0.1".into();
+    config.agent_binary = crate::agent_binary();
+    config.timeouts.poll_interval = Duration::from_millis(100);
+    config.timeouts.token_ttl = opts.token_ttl;
+    config.timeouts.agent_contact = opts.agent_contact;
+    config.timeouts.seal = Duration::from_secs(30);
+    config
+}
+
+fn providers(provider: &Arc<ProcessProvider>) -> Providers {
+    Providers::new().with(CloudKind::Qemu, provider.clone())
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for id in self.provider.live_instances() {
+            tracing::warn!(instance = %id, "instance left running at the end of a test");
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! kiln's test bed: everything the integration tests need that is not kiln.
+//!
+//! - [`process`]: a provider that "boots" an instance by running the real
+//!   user-data, and so the real static agent, as a local process.
+//! - [`bed`]: an in-process coordinator on loopback ports, restartable on
+//!   the same data directory, with a client and helpers.
+//! - [`proxy`]: a TCP proxy that can cut every connection through it.
+//! - [`agent_binary`]: where the static agent binary is.
+
+pub mod bed;
+pub mod process;
+pub mod proxy;
+
+use std::path::PathBuf;
+
+/// The static `kiln-agent` the tests serve to instances. `scripts/test` builds
+/// it; `KILN_AGENT_BINARY` overrides the path.
+pub fn agent_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_AGENT_BINARY") {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join("target/x86_64-unknown-linux-gnu/test-agent/kiln-agent");
+    assert!(
+        path.exists(),
+        "the static agent is missing at {}: run the tests with `scripts/test`, which builds it first",
+        path.display()
+    );
+    path
+}
+
+/// Logs of the code under test, shown for failing tests (`KILN_LOG` filters).
+pub fn init_tracing() {
+    let filter = std::env::var("KILN_LOG").unwrap_or_else(|_| "info,kiln_coordinator=debug".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
