@@ -306,8 +306,8 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_whole_group() {
         let bed = bed();
-        let (outcome, log) = run_job(&bed, &job("sleep 1000 &\necho $!\nsleep 1000\n", 1)).await;
-        assert_eq!(outcome, ScriptOutcome::TimedOut { after_secs: 1 });
+        let (outcome, log) = run_job(&bed, &job("sleep 1000 &\necho $!\nsleep 1000\n", 2)).await;
+        assert_eq!(outcome, ScriptOutcome::TimedOut { after_secs: 2 });
         let grandchild = log.trim();
         assert!(!grandchild.is_empty() && is_gone(grandchild), "{log:?}");
     }

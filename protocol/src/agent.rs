@@ -91,11 +91,19 @@ pub struct LogAck {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ScriptOutcome {
-    Exited { code: i32 },
-    Signaled { signal: i32 },
-    TimedOut { after_secs: u64 },
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
+    TimedOut {
+        after_secs: u64,
+    },
     /// The script could not be started (bad interpreter, no such file).
-    SpawnFailed { message: String },
+    SpawnFailed {
+        message: String,
+    },
 }
 
 impl ScriptOutcome {

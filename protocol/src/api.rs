@@ -9,7 +9,9 @@ use crate::agent::ScriptOutcome;
 use crate::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 
 /// Which provider drives a cloud.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CloudKind {
     /// Local VMs under QEMU on the coordinator's machine.
@@ -126,7 +128,10 @@ pub enum Status {
 impl Status {
     /// True once nothing more will happen.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Successful | Status::Failed | Status::Cancelled)
+        matches!(
+            self,
+            Status::Successful | Status::Failed | Status::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -141,7 +146,9 @@ impl Status {
 }
 
 /// The steps of a target's workflow, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Launch,

@@ -93,7 +93,9 @@ fn check_name(name: &str) -> Result<(), InvalidName> {
     if ok {
         Ok(())
     } else {
-        Err(InvalidName { name: name.to_owned() })
+        Err(InvalidName {
+            name: name.to_owned(),
+        })
     }
 }
 

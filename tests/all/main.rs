@@ -3,6 +3,8 @@
 
 mod api_errors;
 mod builds;
+mod cli;
 mod enrollment;
 mod openapi;
 mod resilience;
+mod user_data;

@@ -9,8 +9,10 @@ use futures::StreamExt;
 use kiln_coordinator::cli::Client;
 use kiln_coordinator::server::Addrs;
 use kiln_coordinator::{App, Config, Listeners, Providers, Server};
-use kiln_protocol::api::{Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, LogChunk, LogEnd, Revision, TargetSpec};
 use kiln_protocol::TargetId;
+use kiln_protocol::api::{
+    Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, LogChunk, LogEnd, Revision, TargetSpec,
+};
 use tempfile::TempDir;
 
 use crate::process::ProcessProvider;
@@ -27,7 +29,10 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(900), agent_contact: Duration::from_secs(60) }
+        Self {
+            token_ttl: Duration::from_secs(900),
+            agent_contact: Duration::from_secs(60),
+        }
     }
 }
 
@@ -53,10 +58,19 @@ impl Bed {
         let any = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(any, any, any).await.expect("bind");
         let config = config(&dir, &opts);
-        let server = Server::start(config, providers(&provider), listeners).await.expect("start coordinator");
+        let server = Server::start(config, providers(&provider), listeners)
+            .await
+            .expect("start coordinator");
         let addrs = server.addrs();
         let client = Client::new(&format!("http://{}", addrs.api)).unwrap();
-        Self { dir, provider, client, server: Some(server), addrs, opts }
+        Self {
+            dir,
+            provider,
+            client,
+            server: Some(server),
+            addrs,
+            opts,
+        }
     }
 
     pub fn app(&self) -> &App {
@@ -71,17 +85,33 @@ impl Bed {
     /// directory and ports.
     pub async fn restart(&mut self) {
         self.server.take().expect("running").stop().await;
-        let listeners = Listeners::bind(self.addrs.api, self.addrs.agent, self.addrs.bootstrap).await.expect("rebind");
-        let server = Server::start(config(&self.dir, &self.opts), providers(&self.provider), listeners)
+        let listeners = Listeners::bind(self.addrs.api, self.addrs.agent, self.addrs.bootstrap)
             .await
-            .expect("restart coordinator");
+            .expect("rebind");
+        let server = Server::start(
+            config(&self.dir, &self.opts),
+            providers(&self.provider),
+            listeners,
+        )
+        .await
+        .expect("restart coordinator");
         self.server = Some(server);
     }
 
     /// Adds a cloud named `name` served by the process provider.
     pub async fn add_cloud(&self, name: &str) {
-        let cloud = Cloud { name: name.parse().unwrap(), kind: CloudKind::Qemu, region: None, endpoint: None, options: BTreeMap::new() };
-        let _: Cloud = self.client.post("/v1/clouds", &cloud).await.expect("add cloud");
+        let cloud = Cloud {
+            name: name.parse().unwrap(),
+            kind: CloudKind::Qemu,
+            region: None,
+            endpoint: None,
+            options: BTreeMap::new(),
+        };
+        let _: Cloud = self
+            .client
+            .post("/v1/clouds", &cloud)
+            .await
+            .expect("add cloud");
     }
 
     /// A generator with `script` on each of `clouds` (base image "process").
@@ -95,7 +125,12 @@ impl Bed {
             targets: clouds
                 .iter()
                 .map(|c| {
-                    let t = TargetSpec { base_image: "process".into(), instance_type: None, network: None, options: BTreeMap::new() };
+                    let t = TargetSpec {
+                        base_image: "process".into(),
+                        instance_type: None,
+                        network: None,
+                        options: BTreeMap::new(),
+                    };
                     (c.parse().unwrap(), t)
                 })
                 .collect(),
@@ -103,12 +138,22 @@ impl Bed {
     }
 
     pub async fn create_generator(&self, spec: &GeneratorSpec) -> Revision {
-        self.client.post("/v1/generators", spec).await.expect("create generator")
+        self.client
+            .post("/v1/generators", spec)
+            .await
+            .expect("create generator")
     }
 
     pub async fn start_build(&self, generator: &str) -> Build {
-        let req = BuildRequest { generator: generator.parse().unwrap(), revision: None, clouds: vec![] };
-        self.client.post("/v1/builds", &req).await.expect("start build")
+        let req = BuildRequest {
+            generator: generator.parse().unwrap(),
+            revision: None,
+            clouds: vec![],
+        };
+        self.client
+            .post("/v1/builds", &req)
+            .await
+            .expect("start build")
     }
 
     /// Creates a generator on cloud `local` and builds it.
@@ -124,7 +169,10 @@ impl Bed {
         for t in &build.targets {
             self.follow(t.id).await;
         }
-        self.client.get(&format!("/v1/builds/{}", build.id)).await.expect("get build")
+        self.client
+            .get(&format!("/v1/builds/{}", build.id))
+            .await
+            .expect("get build")
     }
 
     /// The whole log as the live follow delivers it (waits for the target to end).
@@ -133,11 +181,18 @@ impl Bed {
     }
 
     /// Follows a target's log until `stop(log so far)` or the target's end.
-    pub async fn follow_until(&self, target: TargetId, mut stop: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+    pub async fn follow_until(
+        &self,
+        target: TargetId,
+        mut stop: impl FnMut(&[u8]) -> bool,
+    ) -> Vec<u8> {
         let follow = async {
             let resp = self
                 .client
-                .send(self.client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow")))
+                .send(self.client.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/targets/{target}/log/follow"),
+                ))
                 .await
                 .expect("follow");
             let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
@@ -147,8 +202,16 @@ impl Bed {
                 match event.event.as_str() {
                     "log" => {
                         let chunk: LogChunk = serde_json::from_str(&event.data).unwrap();
-                        assert_eq!(chunk.offset, log.len() as u64, "follow events are contiguous");
-                        log.extend(base64::engine::general_purpose::STANDARD.decode(chunk.data).unwrap());
+                        assert_eq!(
+                            chunk.offset,
+                            log.len() as u64,
+                            "follow events are contiguous"
+                        );
+                        log.extend(
+                            base64::engine::general_purpose::STANDARD
+                                .decode(chunk.data)
+                                .unwrap(),
+                        );
                         if stop(&log) {
                             return log;
                         }
@@ -163,7 +226,9 @@ impl Bed {
             }
             panic!("the follow stream ended without an end event");
         };
-        tokio::time::timeout(BUILD_LIMIT, follow).await.expect("target did not end in time")
+        tokio::time::timeout(BUILD_LIMIT, follow)
+            .await
+            .expect("target did not end in time")
     }
 
     /// The whole log through the byte-range endpoint.
@@ -172,7 +237,10 @@ impl Bed {
         loop {
             let resp = self
                 .client
-                .send(self.client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log?offset={}", out.len())))
+                .send(self.client.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/targets/{target}/log?offset={}", out.len()),
+                ))
                 .await
                 .expect("read log");
             let bytes = resp.bytes().await.unwrap();

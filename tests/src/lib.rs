@@ -32,5 +32,8 @@ pub fn agent_binary() -> PathBuf {
 /// Logs of the code under test, shown for failing tests (`KILN_LOG` filters).
 pub fn init_tracing() {
     let filter = std::env::var("KILN_LOG").unwrap_or_else(|_| "info,kiln_coordinator=debug".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }

@@ -34,7 +34,9 @@ impl ChaosProxy {
                 let mut cut = gen_tx.subscribe();
                 let sev = sev.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     let (mut client, mut server) = (client, server);
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -44,7 +46,12 @@ impl ChaosProxy {
                 });
             }
         });
-        Self { addr, generation, severed, stop }
+        Self {
+            addr,
+            generation,
+            severed,
+            stop,
+        }
     }
 
     /// Closes every connection open now.

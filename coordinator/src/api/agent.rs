@@ -11,7 +11,8 @@ use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use kiln_protocol::TargetId;
 use kiln_protocol::agent::{
-    EnrollRequest, EnrollResponse, ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, paths,
+    EnrollRequest, EnrollResponse, ExitReport, Instruction, InstructionWait, Job, LogAck,
+    LogOffset, paths,
 };
 
 use super::ApiError;
@@ -37,7 +38,10 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-async fn enroll(State(app): State<App>, ApiJson(req): ApiJson<EnrollRequest>) -> Result<Json<EnrollResponse>, ApiError> {
+async fn enroll(
+    State(app): State<App>,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> Result<Json<EnrollResponse>, ApiError> {
     Ok(Json(app.enroll(req).await?))
 }
 
@@ -56,7 +60,10 @@ async fn log(
     ApiQuery(LogOffset { offset }): ApiQuery<LogOffset>,
     body: Bytes,
 ) -> Result<Json<LogAck>, ApiError> {
-    Ok(Json(app.append_log(peer.0.as_ref(), target, offset, body).await?))
+    Ok(Json(
+        app.append_log(peer.0.as_ref(), target, offset, body)
+            .await?,
+    ))
 }
 
 async fn exit(
@@ -65,7 +72,9 @@ async fn exit(
     ApiPath(target): ApiPath<TargetId>,
     ApiJson(report): ApiJson<ExitReport>,
 ) -> Result<Json<LogAck>, ApiError> {
-    Ok(Json(app.report_exit(peer.0.as_ref(), target, report).await?))
+    Ok(Json(
+        app.report_exit(peer.0.as_ref(), target, report).await?,
+    ))
 }
 
 async fn instruction(

@@ -1,11 +1,11 @@
 //! Plain HTTP for instances that have no certificate yet: the agent binary.
 //! Integrity comes from the sha256 pinned in user-data, not from transport.
 
+use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 use kiln_protocol::agent::paths;
 use kiln_protocol::error::ErrorCode;
 
@@ -13,7 +13,9 @@ use super::ApiError;
 use crate::app::App;
 
 pub fn router(app: App) -> Router {
-    Router::new().route(paths::AGENT_BINARY, get(agent_binary)).with_state(app)
+    Router::new()
+        .route(paths::AGENT_BINARY, get(agent_binary))
+        .with_state(app)
 }
 
 async fn agent_binary(State(app): State<App>) -> Response {
@@ -21,12 +23,19 @@ async fn agent_binary(State(app): State<App>) -> Response {
         Some(bin) => (
             [
                 (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::HeaderName::from_static("x-kiln-sha256"), bin.sha256.clone()),
+                (
+                    header::HeaderName::from_static("x-kiln-sha256"),
+                    bin.sha256.clone(),
+                ),
             ],
             bin.bytes.clone(),
         )
             .into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "this coordinator has no agent binary")
-            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "this coordinator has no agent binary",
+        )
+        .into_response(),
     }
 }

@@ -31,7 +31,9 @@ impl App {
         let refused = |why: &str| AppError::Unauthorized(format!("enrollment refused: {why}"));
         // The CSR is checked first so a garbled request does not burn the token.
         if rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).is_err() {
-            return Err(refused("the certificate request is malformed or its signature is wrong"));
+            return Err(refused(
+                "the certificate request is malformed or its signature is wrong",
+            ));
         }
         let hash = TokenHash::of(&req.token);
         let now = Timestamp::now();
@@ -39,7 +41,9 @@ impl App {
             Ok(t) => t,
             Err(TokenRefusal::Unknown) => {
                 self.0.store.flush().await?;
-                return Err(refused("the token is unknown, already used, or not this target's"));
+                return Err(refused(
+                    "the token is unknown, already used, or not this target's",
+                ));
             }
             Err(TokenRefusal::Expired) => {
                 self.0.store.flush().await?;
@@ -49,17 +53,32 @@ impl App {
         self.0.store.flush().await?;
         let not_after = now + self.script_timeout(&target) + CERT_SLACK;
         let issued = self.0.pki.issue(req.target, &req.csr_pem, not_after)?;
-        self.0.store.record_cert(&issued.serial, &CertRecord { target: req.target, not_after })?;
+        self.0.store.record_cert(
+            &issued.serial,
+            &CertRecord {
+                target: req.target,
+                not_after,
+            },
+        )?;
         self.0.store.flush().await?;
         tracing::info!(build = %target.build, target = %req.target, serial = %issued.serial, "agent enrolled");
         self.notify();
-        Ok(EnrollResponse { certificate_pem: issued.pem, not_after })
+        Ok(EnrollResponse {
+            certificate_pem: issued.pem,
+            not_after,
+        })
     }
 
     /// Checks that `peer` may act for `target`, and returns the target.
-    pub fn authorize(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<TargetRecord, AppError> {
+    pub fn authorize(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+    ) -> Result<TargetRecord, AppError> {
         let peer = peer.ok_or_else(|| {
-            AppError::Unauthorized("this route needs the client certificate issued at enrollment".into())
+            AppError::Unauthorized(
+                "this route needs the client certificate issued at enrollment".into(),
+            )
         })?;
         if peer.target != target {
             return Err(AppError::Forbidden(format!(
@@ -70,19 +89,29 @@ impl App {
         let cert = self.0.store.cert(&peer.serial)?;
         let record = self.0.store.target(target)?;
         match (cert, record) {
-            (Some(c), Some(t)) if c.target == target && t.cert_serial.as_deref() == Some(peer.serial.as_str()) => {
+            (Some(c), Some(t))
+                if c.target == target && t.cert_serial.as_deref() == Some(peer.serial.as_str()) =>
+            {
                 if t.status.is_terminal() {
-                    Err(AppError::Forbidden(format!("target {target} has ended; its certificate opens nothing")))
+                    Err(AppError::Forbidden(format!(
+                        "target {target} has ended; its certificate opens nothing"
+                    )))
                 } else {
                     Ok(t)
                 }
             }
-            _ => Err(AppError::Forbidden("this certificate was not issued to this target".into())),
+            _ => Err(AppError::Forbidden(
+                "this certificate was not issued to this target".into(),
+            )),
         }
     }
 
     /// The job: the revision's script and environment.
-    pub async fn job(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<Job, AppError> {
+    pub async fn job(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+    ) -> Result<Job, AppError> {
         let t = self.authorize(peer, target)?;
         let rev = self.revision(&t.generator, Some(t.revision))?;
         let timeout = self.script_timeout(&t);
@@ -96,7 +125,12 @@ impl App {
         let mut env = rev.spec.env.clone();
         env.insert("KILN_BUILD".into(), t.build.to_string());
         env.insert("KILN_CLOUD".into(), t.cloud.name.to_string());
-        Ok(Job { target, script: rev.spec.script, env, timeout_secs: timeout.as_secs() })
+        Ok(Job {
+            target,
+            script: rev.spec.script,
+            env,
+            timeout_secs: timeout.as_secs(),
+        })
     }
 
     /// Appends a chunk idempotently and answers with the durable offset.
@@ -134,14 +168,18 @@ impl App {
                 "the agent reported {} bytes of output but {committed} were committed",
                 report.total_bytes
             );
-            self.0.store.update_target(target, |r| r.fail(FailureReason::Internal, message.clone()))?;
+            self.0
+                .store
+                .update_target(target, |r| r.fail(FailureReason::Internal, message.clone()))?;
             self.0.store.flush().await?;
             self.notify();
             return Err(AppError::Conflict(message));
         }
         if let Some(outcome) = &t.outcome {
             if outcome != &report.outcome {
-                return Err(AppError::Conflict(format!("the exit was already reported as {outcome}")));
+                return Err(AppError::Conflict(format!(
+                    "the exit was already reported as {outcome}"
+                )));
             }
         } else {
             self.0.store.update_target(target, |r| {
@@ -181,7 +219,11 @@ impl App {
     }
 
     /// The agent has sealed the machine and is powering off.
-    pub async fn sealing(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<(), AppError> {
+    pub async fn sealing(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+    ) -> Result<(), AppError> {
         self.authorize(peer, target)?;
         self.0.store.update_target(target, |r| {
             r.timings.sealed_at.get_or_insert(Timestamp::now());

@@ -128,7 +128,10 @@ fn load_agent_binary(path: &Path) -> Option<AgentBinary> {
         Ok(bytes) => {
             let sha256 = hex::encode(Sha256::digest(&bytes));
             tracing::info!(path = %path.display(), %sha256, "serving agent binary");
-            Some(AgentBinary { bytes: bytes.into(), sha256 })
+            Some(AgentBinary {
+                bytes: bytes.into(),
+                sha256,
+            })
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "no agent binary: builds will be refused until one is given with --agent-binary");

@@ -6,7 +6,10 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use base64::Engine;
 use futures::StreamExt;
-use kiln_protocol::api::{Build, BuildRequest, Cloud, CloudKind, GeneratorSummary, LogChunk, LogEnd, Revision, Target, Timings};
+use kiln_protocol::api::{
+    Build, BuildRequest, Cloud, CloudKind, GeneratorSummary, LogChunk, LogEnd, Revision, Target,
+    Timings,
+};
 use kiln_protocol::{BuildId, TargetId, Timestamp};
 
 use super::client::ApiFailure;
@@ -24,15 +27,31 @@ pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::R
 
 async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow::Result<()> {
     match command {
-        CloudCommand::Add { name, kind, region, endpoint, options } => {
+        CloudCommand::Add {
+            name,
+            kind,
+            region,
+            endpoint,
+            options,
+        } => {
             let kind: CloudKind = serde_json::from_value(serde_json::Value::String(kind.clone()))
-                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu"))?;
+                .map_err(|_| {
+                anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu")
+            })?;
             let mut opts = BTreeMap::new();
             for o in options {
-                let (k, v) = o.split_once('=').with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
+                let (k, v) = o
+                    .split_once('=')
+                    .with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
                 opts.insert(k.to_owned(), v.to_owned());
             }
-            let cloud = Cloud { name: name.parse()?, kind, region, endpoint, options: opts };
+            let cloud = Cloud {
+                name: name.parse()?,
+                kind,
+                region,
+                endpoint,
+                options: opts,
+            };
             let c: Cloud = client.post("/v1/clouds", &cloud).await?;
             print(output, &c, cloud_table);
         }
@@ -41,7 +60,12 @@ async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow
             print(output, &clouds, |cs| {
                 let mut t = Table::new(&["name", "kind", "region", "endpoint"]);
                 for c in cs {
-                    t.row(vec![c.name.to_string(), c.kind.as_str().into(), opt(&c.region), opt(&c.endpoint)]);
+                    t.row(vec![
+                        c.name.to_string(),
+                        c.kind.as_str().into(),
+                        opt(&c.region),
+                        opt(&c.endpoint),
+                    ]);
                 }
                 t
             });
@@ -59,7 +83,10 @@ async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow
 }
 
 fn cloud_table(c: &Cloud) -> Table {
-    let mut p = vec![("name", c.name.to_string()), ("kind", c.kind.as_str().to_string())];
+    let mut p = vec![
+        ("name", c.name.to_string()),
+        ("kind", c.kind.as_str().to_string()),
+    ];
     p.push(("region", opt(&c.region)));
     p.push(("endpoint", opt(&c.endpoint)));
     for (k, v) in &c.options {
@@ -72,7 +99,11 @@ fn opt(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "-".into())
 }
 
-async fn generator(client: &Client, output: Output, command: GeneratorCommand) -> anyhow::Result<()> {
+async fn generator(
+    client: &Client,
+    output: Output,
+    command: GeneratorCommand,
+) -> anyhow::Result<()> {
     match command {
         GeneratorCommand::Create(src) => {
             let spec = GeneratorFile::load(&src.file)?;
@@ -81,7 +112,9 @@ async fn generator(client: &Client, output: Output, command: GeneratorCommand) -
         }
         GeneratorCommand::Update(src) => {
             let spec = GeneratorFile::load(&src.file)?;
-            let rev: Revision = client.put(&format!("/v1/generators/{}", spec.name), &spec).await?;
+            let rev: Revision = client
+                .put(&format!("/v1/generators/{}", spec.name), &spec)
+                .await?;
             print(output, &rev, revision_table);
         }
         GeneratorCommand::Show { name, revision } => {
@@ -117,11 +150,17 @@ async fn generator(client: &Client, output: Output, command: GeneratorCommand) -
             });
         }
         GeneratorCommand::Revisions { name } => {
-            let revs: Vec<Revision> = client.get(&format!("/v1/generators/{name}/revisions")).await?;
+            let revs: Vec<Revision> = client
+                .get(&format!("/v1/generators/{name}/revisions"))
+                .await?;
             print(output, &revs, |rs| {
                 let mut t = Table::new(&["revision", "created", "script sha256"]);
                 for r in rs {
-                    t.row(vec![r.number.to_string(), r.created_at.to_string(), r.script_sha256.clone()]);
+                    t.row(vec![
+                        r.number.to_string(),
+                        r.created_at.to_string(),
+                        r.script_sha256.clone(),
+                    ]);
                 }
                 t
             });
@@ -145,7 +184,12 @@ fn revision_table(r: &Revision) -> Table {
 
 async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow::Result<i32> {
     match command {
-        BuildCommand::Start { generator, revision, clouds, wait } => {
+        BuildCommand::Start {
+            generator,
+            revision,
+            clouds,
+            wait,
+        } => {
             let req = BuildRequest {
                 generator: generator.parse()?,
                 revision,
@@ -159,7 +203,11 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
             eprintln!("build {} of {} revision {}", b.id, b.generator, b.revision);
             let done = super::wait::until_done(client, b.id).await?;
             print(output, &done, build_table);
-            Ok(if done.status == kiln_protocol::api::Status::Successful { 0 } else { 1 })
+            Ok(if done.status == kiln_protocol::api::Status::Successful {
+                0
+            } else {
+                1
+            })
         }
         BuildCommand::List { generator, limit } => {
             let mut path = format!("/v1/builds?limit={limit}");
@@ -168,10 +216,14 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
             }
             let builds: Vec<Build> = client.get(&path).await?;
             print(output, &builds, |bs| {
-                let mut t = Table::new(&["id", "generator", "revision", "status", "created", "clouds"]);
+                let mut t =
+                    Table::new(&["id", "generator", "revision", "status", "created", "clouds"]);
                 for b in bs {
-                    let clouds: Vec<String> =
-                        b.targets.iter().map(|t| format!("{}:{}", t.cloud, t.status.as_str())).collect();
+                    let clouds: Vec<String> = b
+                        .targets
+                        .iter()
+                        .map(|t| format!("{}:{}", t.cloud, t.status.as_str()))
+                        .collect();
                     t.row(vec![
                         b.id.to_string(),
                         b.generator.to_string(),
@@ -192,7 +244,11 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
         }
         BuildCommand::Logs { id, cloud, follow } => {
             let target = resolve_target(client, &id, cloud.as_deref()).await?;
-            if follow { follow_log(client, target).await } else { print_log(client, target).await }
+            if follow {
+                follow_log(client, target).await
+            } else {
+                print_log(client, target).await
+            }
         }
         BuildCommand::Cancel { id } => {
             let b: Build = client.post(&format!("/v1/builds/{id}/cancel"), &()).await?;
@@ -203,20 +259,32 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
 }
 
 /// A target id, from a target id or from a build id plus a cloud.
-async fn resolve_target(client: &Client, id: &str, cloud: Option<&str>) -> anyhow::Result<TargetId> {
-    let parsed: BuildId = id.parse().with_context(|| format!("{id:?} is not a build or target id"))?;
+async fn resolve_target(
+    client: &Client,
+    id: &str,
+    cloud: Option<&str>,
+) -> anyhow::Result<TargetId> {
+    let parsed: BuildId = id
+        .parse()
+        .with_context(|| format!("{id:?} is not a build or target id"))?;
     let build: Result<Build, _> = client.get(&format!("/v1/builds/{parsed}")).await;
     match build {
         Ok(b) => {
-            let matching: Vec<&Target> =
-                b.targets.iter().filter(|t| cloud.is_none_or(|c| t.cloud.as_str() == c)).collect();
+            let matching: Vec<&Target> = b
+                .targets
+                .iter()
+                .filter(|t| cloud.is_none_or(|c| t.cloud.as_str() == c))
+                .collect();
             match matching.as_slice() {
                 [one] => Ok(one.id),
                 [] => bail!("build {id} has no target on cloud {}", cloud.unwrap_or("-")),
                 _ => bail!("build {id} has several targets: name one with --cloud"),
             }
         }
-        Err(e) if e.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == reqwest::StatusCode::NOT_FOUND) => {
+        Err(e)
+            if e.downcast_ref::<ApiFailure>()
+                .is_some_and(|f| f.status == reqwest::StatusCode::NOT_FOUND) =>
+        {
             Ok(TargetId(parsed.0))
         }
         Err(e) => Err(e),
@@ -227,7 +295,12 @@ async fn print_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
     let mut offset = 0u64;
     let mut stdout = std::io::stdout().lock();
     loop {
-        let resp = client.send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log?offset={offset}"))).await?;
+        let resp = client
+            .send(client.request(
+                reqwest::Method::GET,
+                &format!("/v1/targets/{target}/log?offset={offset}"),
+            ))
+            .await?;
         let bytes = resp.bytes().await?;
         if bytes.is_empty() {
             return Ok(0);
@@ -238,7 +311,12 @@ async fn print_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
 }
 
 async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
-    let resp = client.send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow"))).await?;
+    let resp = client
+        .send(client.request(
+            reqwest::Method::GET,
+            &format!("/v1/targets/{target}/log/follow"),
+        ))
+        .await?;
     let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
     let mut stdout = std::io::stdout();
     while let Some(event) = events.next().await {
@@ -252,8 +330,16 @@ async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
             }
             "end" => {
                 let end: LogEnd = serde_json::from_str(&event.data)?;
-                eprintln!("-- target {}, {} bytes of log", end.status.as_str(), end.total);
-                return Ok(if end.status == kiln_protocol::api::Status::Successful { 0 } else { 1 });
+                eprintln!(
+                    "-- target {}, {} bytes of log",
+                    end.status.as_str(),
+                    end.total
+                );
+                return Ok(if end.status == kiln_protocol::api::Status::Successful {
+                    0
+                } else {
+                    1
+                });
             }
             "error" => bail!("the coordinator stopped the log stream: {}", event.data),
             _ => {}
@@ -265,14 +351,20 @@ async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
 fn build_table(b: &Build) -> Table {
     let mut t = pairs(&[
         ("build", b.id.to_string()),
-        ("generator", format!("{} revision {}", b.generator, b.revision)),
+        (
+            "generator",
+            format!("{} revision {}", b.generator, b.revision),
+        ),
         ("script sha256", b.script_sha256.clone()),
         ("status", b.status.as_str().into()),
         ("created", b.created_at.to_string()),
     ]);
     for target in &b.targets {
         t.row(vec![String::new(), String::new()]);
-        t.row(vec![format!("{}:", target.cloud), format!("{} (step {})", target.status.as_str(), target.step.as_str())]);
+        t.row(vec![
+            format!("{}:", target.cloud),
+            format!("{} (step {})", target.status.as_str(), target.step.as_str()),
+        ]);
         t.row(vec!["  target:".into(), target.id.to_string()]);
         t.row(vec!["  base image:".into(), target.base_image.clone()]);
         if let Some(i) = &target.instance {
@@ -282,7 +374,10 @@ fn build_table(b: &Build) -> Table {
             t.row(vec!["  script:".into(), o.to_string()]);
         }
         if let Some(img) = &target.image {
-            t.row(vec!["  image:".into(), format!("{} ({})", img.id, img.name)]);
+            t.row(vec![
+                "  image:".into(),
+                format!("{} ({})", img.id, img.name),
+            ]);
             if let Some(sha) = &img.sha256 {
                 t.row(vec!["  image sha256:".into(), sha.clone()]);
             }
@@ -294,7 +389,10 @@ fn build_table(b: &Build) -> Table {
         }
         t.row(vec!["  log:".into(), format!("{} bytes", target.log_bytes)]);
         if let Some(e) = &target.error {
-            t.row(vec!["  error:".into(), format!("{:?} at {}", e.reason, e.step.as_str())]);
+            t.row(vec![
+                "  error:".into(),
+                format!("{:?} at {}", e.reason, e.step.as_str()),
+            ]);
             for line in e.message.lines() {
                 t.row(vec![String::new(), line.to_owned()]);
             }

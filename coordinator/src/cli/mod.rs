@@ -20,7 +20,12 @@ pub use generator_file::GeneratorFile;
 #[command(name = "kiln", version, about)]
 pub struct Cli {
     /// The coordinator's API.
-    #[arg(long, global = true, env = "KILN_SERVER", default_value = "http://127.0.0.1:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "KILN_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
     pub server: String,
     /// How to print results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]

@@ -54,8 +54,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)
         .await
         .context("cannot bind the listeners; is another kiln running? pick other ports with --listen, --agent-listen, --bootstrap-listen")?;
-    let server = Server::start(config, builtin_providers(), listeners).await.context("cannot start the coordinator")?;
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    let server = Server::start(config, builtin_providers(), listeners)
+        .await
+        .context("cannot start the coordinator")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("cannot wait for Ctrl-C")?;
     tracing::info!("stopping; unfinished targets resume at the next start");
     server.stop().await;
     Ok(())

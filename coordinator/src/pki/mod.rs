@@ -18,8 +18,7 @@ use std::sync::Arc;
 use kiln_protocol::{TargetId, Timestamp};
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -95,7 +94,12 @@ impl Pki {
         let tokens = TokenKey::load_or_create(&dir.join(TOKEN_KEY))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
         let agent_tls = agent_tls_config(&ca_pem, &issuer, server_names)?;
-        Ok(Self { ca_pem, issuer, tokens, agent_tls })
+        Ok(Self {
+            ca_pem,
+            issuer,
+            tokens,
+            agent_tls,
+        })
     }
 
     /// The CA certificate agents pin.
@@ -138,7 +142,10 @@ impl Pki {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok(IssuedCert { pem: cert.pem(), serial: hex::encode(&serial) })
+        Ok(IssuedCert {
+            pem: cert.pem(),
+            serial: hex::encode(&serial),
+        })
     }
 }
 
@@ -206,7 +213,10 @@ fn to_time(t: Timestamp) -> time::OffsetDateTime {
 }
 
 fn io(path: &Path, source: std::io::Error) -> PkiError {
-    PkiError::Io { path: path.to_owned(), source }
+    PkiError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Reads a secret file, refusing one that others can read.
@@ -214,7 +224,10 @@ fn read_secret(path: &Path) -> Result<String, PkiError> {
     let meta = fs::metadata(path).map_err(|s| io(path, s))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(PkiError::KeyPermissions { path: path.to_owned(), mode });
+        return Err(PkiError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
     }
     fs::read_to_string(path).map_err(|s| io(path, s))
 }
@@ -229,7 +242,9 @@ pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|s| io(&tmp, s))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|s| io(&tmp, s))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|s| io(&tmp, s))?;
     fs::rename(&tmp, path).map_err(|s| io(path, s))
 }
 
@@ -250,7 +265,10 @@ mod tests {
     fn ca_is_created_private_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let a = Pki::load_or_create(dir.path(), &["127.0.0.1".into()]).unwrap();
-        let mode = fs::metadata(dir.path().join(CA_KEY)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = Pki::load_or_create(dir.path(), &["localhost".into()]).unwrap();
         assert_eq!(a.ca_pem(), b.ca_pem());
@@ -282,7 +300,10 @@ mod tests {
             .collect();
         assert_eq!(sans, vec![format!("URI({})", target.san_uri())]);
         assert!(cert.validity().not_after.timestamp() <= not_after.as_second());
-        assert_eq!(cert.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
+        assert_eq!(
+            cert.public_key().raw,
+            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+        );
     }
 
     // Garbage in place of a CSR is refused with BadCsr.
@@ -290,7 +311,9 @@ mod tests {
     fn malformed_csr_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
-        let err = pki.issue(TargetId::generate(), "not a csr", Timestamp::now()).unwrap_err();
+        let err = pki
+            .issue(TargetId::generate(), "not a csr", Timestamp::now())
+            .unwrap_err();
         assert!(matches!(err, PkiError::BadCsr(_)), "{err}");
     }
 }

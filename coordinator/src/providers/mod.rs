@@ -69,7 +69,11 @@ pub struct AgentEndpoints {
 impl AgentEndpoints {
     /// The endpoints at `host` on the served ports.
     pub fn at(host: &str, served: &Served) -> Self {
-        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
         Self {
             agent_url: format!("https://{host}:{}", served.agent_port),
             agent_binary_url: format!(
@@ -125,7 +129,12 @@ pub struct ProviderError {
 
 impl ProviderError {
     pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, code: None, message: message.into(), source: None }
+        Self {
+            kind,
+            code: None,
+            message: message.into(),
+            source: None,
+        }
     }
 
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
@@ -153,7 +162,10 @@ pub trait Provider: Send + Sync + 'static {
     /// The URLs the instance uses to reach the coordinator. By default the
     /// cloud's `coordinator_host` option, else the coordinator's public host.
     fn endpoints(&self, cloud: &Cloud, served: &Served) -> AgentEndpoints {
-        let host = cloud.options.get("coordinator_host").unwrap_or(&served.public_host);
+        let host = cloud
+            .options
+            .get("coordinator_host")
+            .unwrap_or(&served.public_host);
         AgentEndpoints::at(host, served)
     }
 
@@ -166,10 +178,18 @@ pub trait Provider: Send + Sync + 'static {
     /// Starts an instance for `launch.target`; idempotent per target.
     async fn launch(&self, launch: &Launch<'_>) -> Result<InstanceId, ProviderError>;
 
-    async fn state(&self, cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError>;
+    async fn state(
+        &self,
+        cloud: &Cloud,
+        instance: &InstanceId,
+    ) -> Result<InstanceState, ProviderError>;
 
     /// The last lines of the instance's console, for error messages.
-    async fn console_tail(&self, cloud: &Cloud, instance: &InstanceId) -> Result<String, ProviderError>;
+    async fn console_tail(
+        &self,
+        cloud: &Cloud,
+        instance: &InstanceId,
+    ) -> Result<String, ProviderError>;
 
     /// Stops an instance that did not power itself off.
     async fn stop(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError>;

@@ -24,7 +24,9 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the data directory {0} is in use by another kiln process; stop it or use another --data-dir")]
+    #[error(
+        "the data directory {0} is in use by another kiln process; stop it or use another --data-dir"
+    )]
     Locked(String),
     #[error("database error")]
     Sled(#[from] sled::Error),
@@ -107,7 +109,10 @@ impl Store {
     /// Opens (or creates) the database under `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
-            sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+            sled::Error::Io(ref io)
+                if io.kind() == std::io::ErrorKind::WouldBlock
+                    || io.to_string().contains("lock") =>
+            {
                 StoreError::Locked(dir.display().to_string())
             }
             other => StoreError::Sled(other),
@@ -120,7 +125,10 @@ impl Store {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::SchemaMismatch { found, expected: SCHEMA_VERSION });
+                    return Err(StoreError::SchemaMismatch {
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
                 }
             }
         }
@@ -147,18 +155,28 @@ impl Store {
 
     pub fn insert_cloud(&self, cloud: &Cloud) -> Result<(), StoreError> {
         let key = cloud.name.as_str().as_bytes();
-        match self.clouds.compare_and_swap(key, None::<&[u8]>, Some(encode(cloud)))? {
+        match self
+            .clouds
+            .compare_and_swap(key, None::<&[u8]>, Some(encode(cloud)))?
+        {
             Ok(()) => Ok(()),
             Err(_) => Err(StoreError::AlreadyExists(format!("cloud {}", cloud.name))),
         }
     }
 
     pub fn cloud(&self, name: &CloudName) -> Result<Option<Cloud>, StoreError> {
-        self.clouds.get(name.as_str())?.map(|v| decode("clouds", &v)).transpose()
+        self.clouds
+            .get(name.as_str())?
+            .map(|v| decode("clouds", &v))
+            .transpose()
     }
 
     pub fn clouds(&self) -> Result<Vec<Cloud>, StoreError> {
-        self.clouds.iter().values().map(|v| decode("clouds", &v?)).collect()
+        self.clouds
+            .iter()
+            .values()
+            .map(|v| decode("clouds", &v?))
+            .collect()
     }
 
     /// Removes a cloud; false when there was none.
@@ -185,10 +203,21 @@ impl Store {
                 .transpose()
                 .or_else(abort)?;
             let head = match (head, create) {
-                (Some(_), true) => return abort(StoreError::AlreadyExists(format!("generator {name}"))),
+                (Some(_), true) => {
+                    return abort(StoreError::AlreadyExists(format!("generator {name}")));
+                }
                 (None, false) => return abort(StoreError::NotFound(format!("generator {name}"))),
-                (None, true) => GeneratorRecord { name: name.clone(), latest: 1, created_at: now, updated_at: now },
-                (Some(h), false) => GeneratorRecord { latest: h.latest + 1, updated_at: now, ..h },
+                (None, true) => GeneratorRecord {
+                    name: name.clone(),
+                    latest: 1,
+                    created_at: now,
+                    updated_at: now,
+                },
+                (Some(h), false) => GeneratorRecord {
+                    latest: h.latest + 1,
+                    updated_at: now,
+                    ..h
+                },
             };
             let revision = Revision {
                 generator: name.clone(),
@@ -205,26 +234,48 @@ impl Store {
     }
 
     pub fn generator(&self, name: &GeneratorName) -> Result<Option<GeneratorRecord>, StoreError> {
-        self.generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose()
+        self.generators
+            .get(name.as_str())?
+            .map(|v| decode("generators", &v))
+            .transpose()
     }
 
     pub fn generators(&self) -> Result<Vec<GeneratorRecord>, StoreError> {
-        self.generators.iter().values().map(|v| decode("generators", &v?)).collect()
+        self.generators
+            .iter()
+            .values()
+            .map(|v| decode("generators", &v?))
+            .collect()
     }
 
-    pub fn revision(&self, name: &GeneratorName, number: u32) -> Result<Option<Revision>, StoreError> {
-        self.revisions.get(revision_key(name, number))?.map(|v| decode("revisions", &v)).transpose()
+    pub fn revision(
+        &self,
+        name: &GeneratorName,
+        number: u32,
+    ) -> Result<Option<Revision>, StoreError> {
+        self.revisions
+            .get(revision_key(name, number))?
+            .map(|v| decode("revisions", &v))
+            .transpose()
     }
 
     /// All revisions of a generator, oldest first.
     pub fn revisions(&self, name: &GeneratorName) -> Result<Vec<Revision>, StoreError> {
-        self.revisions.scan_prefix(prefix(name.as_str())).values().map(|v| decode("revisions", &v?)).collect()
+        self.revisions
+            .scan_prefix(prefix(name.as_str()))
+            .values()
+            .map(|v| decode("revisions", &v?))
+            .collect()
     }
 
     // ---- builds and targets
 
     /// Stores a new build and all its targets at once.
-    pub fn insert_build(&self, build: &BuildRecord, targets: &[TargetRecord]) -> Result<(), StoreError> {
+    pub fn insert_build(
+        &self,
+        build: &BuildRecord,
+        targets: &[TargetRecord],
+    ) -> Result<(), StoreError> {
         let result = (&self.builds, &self.targets).transaction(|(builds, tree)| {
             builds.insert(build.id.as_bytes(), encode(build))?;
             for t in targets {
@@ -236,7 +287,10 @@ impl Store {
     }
 
     pub fn build(&self, id: BuildId) -> Result<Option<BuildRecord>, StoreError> {
-        self.builds.get(id.as_bytes())?.map(|v| decode("builds", &v)).transpose()
+        self.builds
+            .get(id.as_bytes())?
+            .map(|v| decode("builds", &v))
+            .transpose()
     }
 
     /// Builds, newest first (ids are time-ordered), that pass `keep`, at most `limit`.
@@ -259,7 +313,11 @@ impl Store {
     }
 
     /// Applies `f` to a build record atomically.
-    pub fn update_build(&self, id: BuildId, f: impl Fn(&mut BuildRecord)) -> Result<BuildRecord, StoreError> {
+    pub fn update_build(
+        &self,
+        id: BuildId,
+        f: impl Fn(&mut BuildRecord),
+    ) -> Result<BuildRecord, StoreError> {
         let mut last = None;
         self.builds.update_and_fetch(id.as_bytes(), |old| {
             let mut b: BuildRecord = serde_json::from_slice(old?).ok()?;
@@ -272,7 +330,10 @@ impl Store {
     }
 
     pub fn target(&self, id: TargetId) -> Result<Option<TargetRecord>, StoreError> {
-        self.targets.get(id.as_bytes())?.map(|v| decode("targets", &v)).transpose()
+        self.targets
+            .get(id.as_bytes())?
+            .map(|v| decode("targets", &v))
+            .transpose()
     }
 
     /// Applies `f` to a target record atomically and returns the new record.
@@ -376,7 +437,10 @@ impl Store {
     }
 
     pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
-        self.certs.get(serial.as_bytes())?.map(|v| decode("certs", &v)).transpose()
+        self.certs
+            .get(serial.as_bytes())?
+            .map(|v| decode("certs", &v))
+            .transpose()
     }
 
     // ---- images
@@ -389,7 +453,11 @@ impl Store {
     }
 
     pub fn images(&self) -> Result<Vec<Image>, StoreError> {
-        self.images.iter().values().map(|v| decode("images", &v?)).collect()
+        self.images
+            .iter()
+            .values()
+            .map(|v| decode("images", &v?))
+            .collect()
     }
 }
 
@@ -415,8 +483,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let now = Timestamp::now();
-        let r1 = store.save_revision(spec("g"), "a".into(), now, true).unwrap();
-        let r2 = store.save_revision(spec("g"), "b".into(), now, false).unwrap();
+        let r1 = store
+            .save_revision(spec("g"), "a".into(), now, true)
+            .unwrap();
+        let r2 = store
+            .save_revision(spec("g"), "b".into(), now, false)
+            .unwrap();
         assert_eq!((r1.number, r2.number), (1, 2));
         assert!(matches!(
             store.save_revision(spec("g"), "c".into(), now, true),
@@ -427,7 +499,12 @@ mod tests {
             Err(StoreError::NotFound(_))
         ));
         let all = store.revisions(&"g".parse().unwrap()).unwrap();
-        assert_eq!(all.iter().map(|r| r.script_sha256.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            all.iter()
+                .map(|r| r.script_sha256.as_str())
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     // A data directory written by another schema version is refused.
@@ -440,6 +517,9 @@ mod tests {
             db.flush().unwrap();
         }
         let err = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaMismatch { found: 99, .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::SchemaMismatch { found: 99, .. }),
+            "{err}"
+        );
     }
 }

@@ -66,7 +66,11 @@ impl TargetRecord {
     /// Marks the target failed at its current step; the workflow will unwind.
     pub fn fail(&mut self, reason: FailureReason, message: impl Into<String>) {
         if self.error.is_none() {
-            self.error = Some(TargetError { step: self.step, reason, message: message.into() });
+            self.error = Some(TargetError {
+                step: self.step,
+                reason,
+                message: message.into(),
+            });
         }
     }
 

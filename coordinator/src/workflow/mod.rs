@@ -23,7 +23,10 @@ use crate::store::StoreError;
 #[derive(Debug)]
 pub(crate) enum StepError {
     /// The target failed: record this and unwind.
-    Fail { reason: FailureReason, message: String },
+    Fail {
+        reason: FailureReason,
+        message: String,
+    },
     /// A user cancelled, or the coordinator is shutting down: re-read the record.
     Interrupted,
     /// The store failed; the workflow stops and resumes at the next start.
@@ -32,7 +35,10 @@ pub(crate) enum StepError {
 
 impl StepError {
     pub(crate) fn fail(reason: FailureReason, message: impl Into<String>) -> Self {
-        Self::Fail { reason, message: message.into() }
+        Self::Fail {
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -72,13 +78,20 @@ pub(crate) fn resume_all(app: &App) -> Result<(), AppError> {
 
 /// Starts (or resumes) the workflow of one target.
 pub(crate) fn spawn(app: &App, id: TargetId) {
-    let Ok(Some(t)) = app.0.store.target(id) else { return };
+    let Ok(Some(t)) = app.0.store.target(id) else {
+        return;
+    };
     let span = tracing::info_span!("target", build = %t.build, target = %id, cloud = %t.cloud.name);
     let task_app = app.clone();
     app.0.tasks.spawn(
         async move {
             run(&task_app, id).await;
-            task_app.0.interrupts.lock().expect("interrupts poisoned").remove(&id);
+            task_app
+                .0
+                .interrupts
+                .lock()
+                .expect("interrupts poisoned")
+                .remove(&id);
         }
         .instrument(span),
     );
@@ -86,14 +99,24 @@ pub(crate) fn spawn(app: &App, id: TargetId) {
 
 /// Interrupts the current step of a target (after a cancel), so it unwinds now.
 pub(crate) fn interrupt(app: &App, id: TargetId) {
-    if let Some(token) = app.0.interrupts.lock().expect("interrupts poisoned").get(&id) {
+    if let Some(token) = app
+        .0
+        .interrupts
+        .lock()
+        .expect("interrupts poisoned")
+        .get(&id)
+    {
         token.cancel();
     }
 }
 
 fn fresh_interrupt(app: &App, id: TargetId) -> CancellationToken {
     let token = app.0.shutdown.child_token();
-    app.0.interrupts.lock().expect("interrupts poisoned").insert(id, token.clone());
+    app.0
+        .interrupts
+        .lock()
+        .expect("interrupts poisoned")
+        .insert(id, token.clone());
     token
 }
 
@@ -136,7 +159,10 @@ async fn run(app: &App, id: TargetId) {
             }
             Err(StepError::Fail { reason, message }) => {
                 tracing::warn!(step = t.step.as_str(), ?reason, %message, "target failed");
-                let recorded = app.0.store.update_target(id, |r| r.fail(reason, message.clone()));
+                let recorded = app
+                    .0
+                    .store
+                    .update_target(id, |r| r.fail(reason, message.clone()));
                 if let Err(e) = recorded {
                     tracing::error!(error = %e, "cannot record failure; it resumes at the next start");
                     return;

@@ -65,7 +65,12 @@ mod tests {
                 endpoint: None,
                 options: Default::default(),
             },
-            spec: TargetSpec { base_image: "base".into(), instance_type: None, network: None, options: Default::default() },
+            spec: TargetSpec {
+                base_image: "base".into(),
+                instance_type: None,
+                network: None,
+                options: Default::default(),
+            },
             generator: "g".parse().unwrap(),
             revision: 1,
             status,
@@ -111,10 +116,28 @@ mod tests {
         let mut t = record(Step::Snapshot, Status::Running);
         t.instance = Some("i-1".into());
         t.image_id = Some("ami-1".into());
-        assert_eq!(undo(&t), Undo { delete_image: Some("ami-1".into()), terminate: Some("i-1".into()) });
+        assert_eq!(
+            undo(&t),
+            Undo {
+                delete_image: Some("ami-1".into()),
+                terminate: Some("i-1".into())
+            }
+        );
         t.step = Step::CleanUp;
-        assert_eq!(undo(&t), Undo { delete_image: None, terminate: Some("i-1".into()) });
+        assert_eq!(
+            undo(&t),
+            Undo {
+                delete_image: None,
+                terminate: Some("i-1".into())
+            }
+        );
         let fresh = record(Step::Launch, Status::Submitted);
-        assert_eq!(undo(&fresh), Undo { delete_image: None, terminate: None });
+        assert_eq!(
+            undo(&fresh),
+            Undo {
+                delete_image: None,
+                terminate: None
+            }
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! `/v1/builds`
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use kiln_protocol::BuildId;
 use kiln_protocol::api::{Build, BuildListQuery, BuildRequest};
 use kiln_protocol::error::ErrorBody;
@@ -13,7 +13,10 @@ use crate::app::App;
 
 /// List builds, newest first.
 #[utoipa::path(get, operation_id = "list_builds", path = "/v1/builds", tag = "builds", params(BuildListQuery), responses((status = 200, body = [Build])))]
-pub async fn list(State(app): State<App>, ApiQuery(query): ApiQuery<BuildListQuery>) -> Result<Json<Vec<Build>>, ApiError> {
+pub async fn list(
+    State(app): State<App>,
+    ApiQuery(query): ApiQuery<BuildListQuery>,
+) -> Result<Json<Vec<Build>>, ApiError> {
     Ok(Json(app.builds(query).await?))
 }
 
@@ -34,7 +37,10 @@ pub async fn start(
 #[utoipa::path(get, operation_id = "show_build", path = "/v1/builds/{id}", tag = "builds",
     params(("id" = String, Path, description = "Build id")),
     responses((status = 200, body = Build), (status = 404, body = ErrorBody)))]
-pub async fn show(State(app): State<App>, ApiPath(id): ApiPath<BuildId>) -> Result<Json<Build>, ApiError> {
+pub async fn show(
+    State(app): State<App>,
+    ApiPath(id): ApiPath<BuildId>,
+) -> Result<Json<Build>, ApiError> {
     Ok(Json(app.build(id).await?))
 }
 
@@ -42,6 +48,9 @@ pub async fn show(State(app): State<App>, ApiPath(id): ApiPath<BuildId>) -> Resu
 #[utoipa::path(post, operation_id = "cancel_build", path = "/v1/builds/{id}/cancel", tag = "builds",
     params(("id" = String, Path, description = "Build id")),
     responses((status = 200, body = Build), (status = 404, body = ErrorBody), (status = 409, description = "The build has ended", body = ErrorBody)))]
-pub async fn cancel(State(app): State<App>, ApiPath(id): ApiPath<BuildId>) -> Result<Json<Build>, ApiError> {
+pub async fn cancel(
+    State(app): State<App>,
+    ApiPath(id): ApiPath<BuildId>,
+) -> Result<Json<Build>, ApiError> {
     Ok(Json(app.cancel_build(id).await?))
 }

@@ -1,8 +1,8 @@
 //! `/v1/clouds`
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
 use kiln_protocol::CloudName;
 use kiln_protocol::api::Cloud;
 use kiln_protocol::error::ErrorBody;
@@ -23,7 +23,10 @@ pub async fn list(State(app): State<App>) -> Result<Json<Vec<Cloud>>, ApiError> 
     (status = 400, body = ErrorBody),
     (status = 409, description = "A cloud of that name exists", body = ErrorBody),
 ))]
-pub async fn add(State(app): State<App>, ApiJson(cloud): ApiJson<Cloud>) -> Result<(StatusCode, Json<Cloud>), ApiError> {
+pub async fn add(
+    State(app): State<App>,
+    ApiJson(cloud): ApiJson<Cloud>,
+) -> Result<(StatusCode, Json<Cloud>), ApiError> {
     Ok((StatusCode::CREATED, Json(app.add_cloud(cloud).await?)))
 }
 
@@ -31,7 +34,10 @@ pub async fn add(State(app): State<App>, ApiJson(cloud): ApiJson<Cloud>) -> Resu
 #[utoipa::path(get, operation_id = "show_cloud", path = "/v1/clouds/{name}", tag = "clouds",
     params(("name" = String, Path, description = "Cloud name")),
     responses((status = 200, body = Cloud), (status = 404, body = ErrorBody)))]
-pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<CloudName>) -> Result<Json<Cloud>, ApiError> {
+pub async fn show(
+    State(app): State<App>,
+    ApiPath(name): ApiPath<CloudName>,
+) -> Result<Json<Cloud>, ApiError> {
     Ok(Json(app.cloud(&name)?))
 }
 
@@ -39,7 +45,10 @@ pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<CloudName>) -> 
 #[utoipa::path(delete, operation_id = "remove_cloud", path = "/v1/clouds/{name}", tag = "clouds",
     params(("name" = String, Path, description = "Cloud name")),
     responses((status = 204), (status = 404, body = ErrorBody)))]
-pub async fn remove(State(app): State<App>, ApiPath(name): ApiPath<CloudName>) -> Result<StatusCode, ApiError> {
+pub async fn remove(
+    State(app): State<App>,
+    ApiPath(name): ApiPath<CloudName>,
+) -> Result<StatusCode, ApiError> {
     app.remove_cloud(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

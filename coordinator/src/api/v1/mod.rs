@@ -51,7 +51,10 @@ pub fn router(app: App) -> Router {
     let body_limit = app.config().limits.max_script_bytes + 1024 * 1024;
     let (router, api) = routes().split_for_parts();
     router
-        .route("/v1/openapi.json", get(move || async move { axum::Json(api) }))
+        .route(
+            "/v1/openapi.json",
+            get(move || async move { axum::Json(api) }),
+        )
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(app)
 }
