@@ -26,12 +26,7 @@ pub struct Api {
 
 impl Api {
     /// A client with no certificate of its own: enough to enroll.
-    pub fn anonymous(
-        base: Url,
-        target: TargetId,
-        ca_pem: &[u8],
-        retry: RetryPolicy,
-    ) -> anyhow::Result<Api> {
+    pub fn anonymous(base: Url, target: TargetId, ca_pem: &[u8], retry: RetryPolicy) -> anyhow::Result<Api> {
         Self::build(base, target, ca_pem, None, retry)
     }
 
@@ -70,12 +65,7 @@ impl Api {
             builder = builder.identity(identity);
         }
         let http = builder.build().context("building the HTTPS client")?;
-        Ok(Api {
-            http,
-            base,
-            target,
-            retry,
-        })
+        Ok(Api { http, base, target, retry })
     }
 
     pub fn http(&self) -> &Client {
@@ -101,11 +91,7 @@ pub enum Failure {
 
 impl From<reqwest::Error> for Failure {
     fn from(err: reqwest::Error) -> Failure {
-        if err.is_builder() || err.is_decode() {
-            Failure::Fatal(err.into())
-        } else {
-            Failure::Transient(err.into())
-        }
+        if err.is_builder() || err.is_decode() { Failure::Fatal(err.into()) } else { Failure::Transient(err.into()) }
     }
 }
 
@@ -114,14 +100,9 @@ impl From<reqwest::Error> for Failure {
 pub async fn send(request: RequestBuilder) -> Result<Response, Failure> {
     let response = request.send().await?;
     let status = response.status();
-    if status.is_server_error()
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-    {
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS {
         let (_, message) = error_body(response).await;
-        return Err(Failure::Transient(anyhow!(
-            "the coordinator answered {status}: {message}"
-        )));
+        return Err(Failure::Transient(anyhow!("the coordinator answered {status}: {message}")));
     }
     Ok(response)
 }
@@ -175,12 +156,7 @@ pub struct Retry {
 
 impl Retry {
     pub fn new(policy: RetryPolicy, what: &'static str) -> Retry {
-        Retry {
-            policy,
-            what,
-            delays: policy.delays(),
-            failing_since: None,
-        }
+        Retry { policy, what, delays: policy.delays(), failing_since: None }
     }
 
     /// Ends the streak of failures: the next one starts from the shortest delay.
@@ -194,11 +170,7 @@ impl Retry {
     /// of failures would outlast the policy's limit.
     pub async fn after(&mut self, err: anyhow::Error) -> anyhow::Result<()> {
         let since = *self.failing_since.get_or_insert_with(Instant::now);
-        let delay = self
-            .delays
-            .next()
-            .unwrap_or(self.policy.max_backoff)
-            .min(self.policy.max_backoff);
+        let delay = self.delays.next().unwrap_or(self.policy.max_backoff).min(self.policy.max_backoff);
         if since.elapsed() + delay > self.policy.give_up {
             return Err(err.context(format!(
                 "{}: gave up after {}s of failures",
@@ -206,10 +178,7 @@ impl Retry {
                 since.elapsed().as_secs()
             )));
         }
-        warn!(
-            retry_in_ms = delay.as_millis() as u64,
-            "{} failed: {err:#}", self.what
-        );
+        warn!(retry_in_ms = delay.as_millis() as u64, "{} failed: {err:#}", self.what);
         tokio::time::sleep(delay).await;
         Ok(())
     }
@@ -217,11 +186,7 @@ impl Retry {
 
 /// Runs `attempt` until it succeeds, fails fatally, or transient failures
 /// have lasted longer than `policy` allows.
-pub async fn retry<T, F, Fut>(
-    policy: RetryPolicy,
-    what: &'static str,
-    mut attempt: F,
-) -> anyhow::Result<T>
+pub async fn retry<T, F, Fut>(policy: RetryPolicy, what: &'static str, mut attempt: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Failure>>,
@@ -241,10 +206,7 @@ mod tests {
     use super::*;
 
     fn policy(give_up_ms: u64) -> RetryPolicy {
-        RetryPolicy {
-            max_backoff: Duration::from_millis(10),
-            give_up: Duration::from_millis(give_up_ms),
-        }
+        RetryPolicy { max_backoff: Duration::from_millis(10), give_up: Duration::from_millis(give_up_ms) }
     }
 
     #[tokio::test]
@@ -253,13 +215,7 @@ mod tests {
         let value = retry(policy(10_000), "testing", || {
             calls += 1;
             let n = calls;
-            async move {
-                if n < 3 {
-                    Err(Failure::Transient(anyhow!("down")))
-                } else {
-                    Ok(n)
-                }
-            }
+            async move { if n < 3 { Err(Failure::Transient(anyhow!("down"))) } else { Ok(n) } }
         })
         .await
         .unwrap();
@@ -281,14 +237,9 @@ mod tests {
 
     #[tokio::test]
     async fn gives_up_after_the_limit() {
-        let err = retry(policy(0), "testing", || async {
-            Err::<(), _>(Failure::Transient(anyhow!("down")))
-        })
-        .await
-        .unwrap_err();
-        assert_eq!(
-            format!("{err:#}"),
-            "testing: gave up after 0s of failures: down"
-        );
+        let err = retry(policy(0), "testing", || async { Err::<(), _>(Failure::Transient(anyhow!("down"))) })
+            .await
+            .unwrap_err();
+        assert_eq!(format!("{err:#}"), "testing: gave up after 0s of failures: down");
     }
 }

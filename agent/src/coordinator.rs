@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use anyhow::anyhow;
-use kiln_protocol::agent::{
-    ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, paths,
-};
+use kiln_protocol::agent::{ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, paths};
 use kiln_protocol::error::ErrorBody;
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
@@ -40,10 +38,7 @@ pub async fn fetch_job(api: &Api) -> anyhow::Result<Job> {
     })
     .await?;
     if job.target != api.target {
-        anyhow::bail!(
-            "the coordinator sent the job of target {}, not of this one",
-            job.target
-        );
+        anyhow::bail!("the coordinator sent the job of target {}, not of this one", job.target);
     }
     Ok(job)
 }
@@ -64,20 +59,12 @@ impl LogSink for CoordinatorLog<'_> {
             .body(bytes);
         let response = send(request).await?;
         match response.status() {
-            status if status.is_success() => {
-                Ok(Put::Committed(response.json::<LogAck>().await?.committed))
-            }
+            status if status.is_success() => Ok(Put::Committed(response.json::<LogAck>().await?.committed)),
             StatusCode::CONFLICT => match error_body(response).await {
-                (
-                    Some(ErrorBody {
-                        committed: Some(committed),
-                        ..
-                    }),
-                    _,
-                ) => Ok(Put::Mismatch(committed)),
-                (_, message) => Err(Failure::Transient(anyhow!(
-                    "a log chunk was refused without a committed offset: {message}"
-                ))),
+                (Some(ErrorBody { committed: Some(committed), .. }), _) => Ok(Put::Mismatch(committed)),
+                (_, message) => {
+                    Err(Failure::Transient(anyhow!("a log chunk was refused without a committed offset: {message}")))
+                }
             },
             StatusCode::FORBIDDEN => Err(ended()),
             _ => Err(unexpected(response).await),
@@ -99,16 +86,8 @@ pub async fn report_exit(api: &Api, report: &ExitReport) -> anyhow::Result<ExitA
         match response.status() {
             status if status.is_success() => Ok(ExitAnswer::Accepted),
             StatusCode::CONFLICT => match error_body(response).await {
-                (
-                    Some(ErrorBody {
-                        committed: Some(committed),
-                        ..
-                    }),
-                    _,
-                ) => Ok(ExitAnswer::Resync(committed)),
-                (_, message) => Err(Failure::Fatal(anyhow!(
-                    "the exit report was refused: {message}"
-                ))),
+                (Some(ErrorBody { committed: Some(committed), .. }), _) => Ok(ExitAnswer::Resync(committed)),
+                (_, message) => Err(Failure::Fatal(anyhow!("the exit report was refused: {message}"))),
             },
             StatusCode::FORBIDDEN => Err(ended()),
             _ => Err(unexpected(response).await),
@@ -125,13 +104,8 @@ pub async fn next_instruction(api: &Api, wait_secs: u64) -> anyhow::Result<Instr
     loop {
         let next_poll = tokio::time::Instant::now() + MIN_POLL_INTERVAL;
         let instruction = retry(api.retry, "waiting for an instruction", || async {
-            let request = api
-                .http()
-                .get(url.clone())
-                .query(&InstructionWait {
-                    wait_secs: Some(wait_secs),
-                })
-                .timeout(timeout);
+            let request =
+                api.http().get(url.clone()).query(&InstructionWait { wait_secs: Some(wait_secs) }).timeout(timeout);
             let response = send(request).await?;
             match response.status() {
                 status if status.is_success() => Ok(response.json::<Instruction>().await?),
@@ -152,18 +126,11 @@ pub async fn next_instruction(api: &Api, wait_secs: u64) -> anyhow::Result<Instr
 
 /// Tells the coordinator the agent is about to power off; best effort.
 pub async fn announce_sealing(api: &Api) {
-    let policy = RetryPolicy {
-        give_up: SEALING_NOTICE_LIMIT,
-        ..api.retry
-    };
+    let policy = RetryPolicy { give_up: SEALING_NOTICE_LIMIT, ..api.retry };
     let url = api.url(&paths::sealing(api.target));
     let sent = retry(policy, "announcing the seal", || async {
         let response = send(api.http().post(url.clone())).await?;
-        if response.status().is_success() {
-            Ok(())
-        } else {
-            Err(unexpected(response).await)
-        }
+        if response.status().is_success() { Ok(()) } else { Err(unexpected(response).await) }
     })
     .await;
     if let Err(err) = sent {

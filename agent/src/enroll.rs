@@ -22,9 +22,7 @@ fn key_and_csr(target: TargetId) -> anyhow::Result<(KeyPair, String)> {
     let mut params = CertificateParams::new(vec![]).context("preparing the CSR")?;
     // Informative only: the coordinator takes nothing but the public key.
     params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("kiln-agent {target}"));
+    params.distinguished_name.push(DnType::CommonName, format!("kiln-agent {target}"));
     let csr = params.serialize_request(&key).context("signing the CSR")?;
     Ok((key, csr.pem().context("encoding the CSR")?))
 }
@@ -33,11 +31,7 @@ fn key_and_csr(target: TargetId) -> anyhow::Result<(KeyPair, String)> {
 pub async fn enroll(api: &Api, token: String) -> anyhow::Result<Credentials> {
     let target = api.target;
     let (key, csr_pem) = key_and_csr(target)?;
-    let request = EnrollRequest {
-        target,
-        token,
-        csr_pem,
-    };
+    let request = EnrollRequest { target, token, csr_pem };
 
     let url = api.url(paths::ENROLL);
     let issued = retry(api.retry, "enrolling", || async {
@@ -50,10 +44,7 @@ pub async fn enroll(api: &Api, token: String) -> anyhow::Result<Credentials> {
     })
     .await?;
     info!(not_after = %issued.not_after, "enrolled");
-    Ok(Credentials {
-        cert_pem: issued.certificate_pem,
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Credentials { cert_pem: issued.certificate_pem, key_pem: key.serialize_pem() })
 }
 
 #[cfg(test)]
@@ -68,9 +59,6 @@ mod tests {
         assert_eq!(key.algorithm(), &PKCS_ECDSA_P256_SHA256);
         let csr = CertificateSigningRequestParams::from_pem(&csr_pem).unwrap();
         assert_eq!(csr.public_key.der_bytes(), key.der_bytes());
-        assert!(
-            key.serialize_pem()
-                .starts_with("-----BEGIN PRIVATE KEY-----")
-        );
+        assert!(key.serialize_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
     }
 }

@@ -39,12 +39,7 @@ impl Layout {
         for dir in [&self.work_dir, &self.spool_dir] {
             dirs.create(dir)?;
         }
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&self.spool_file)?;
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&self.spool_file)?;
         Ok(())
     }
 }

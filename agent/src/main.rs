@@ -31,28 +31,21 @@ fn main() -> ExitCode {
         // Not clap's usual 2: that code means "enrollment refused".
         Err(err) => {
             let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if err.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
         }
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                EnvFilter::new("info,hickory_proto=warn,hickory_resolver=warn")
-            }),
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,hickory_proto=warn,hickory_resolver=warn")),
         )
         .init();
     let span = info_span!("kiln_agent", target = %args.target);
 
     let result = cli::take_enroll_token().and_then(|token| {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         runtime.block_on(run::run(args, token).instrument(span.clone()))
     });
     let _entered = span.enter();

@@ -19,8 +19,7 @@ use crate::{enroll, script, seal};
 pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir).context("resolving --dir")?;
     let layout = Layout::new(&dir);
-    let ca = std::fs::read(&args.ca)
-        .with_context(|| format!("reading the CA certificate {}", args.ca.display()))?;
+    let ca = std::fs::read(&args.ca).with_context(|| format!("reading the CA certificate {}", args.ca.display()))?;
     let policy = RetryPolicy {
         max_backoff: std::time::Duration::from_millis(args.max_backoff_ms),
         give_up: std::time::Duration::from_secs(args.give_up_secs),
@@ -28,14 +27,8 @@ pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
 
     let anonymous = Api::anonymous(args.coordinator.clone(), args.target, &ca, policy)?;
     let credentials = enroll::enroll(&anonymous, token).await?;
-    let api = Api::authenticated(
-        args.coordinator,
-        args.target,
-        &ca,
-        &credentials.cert_pem,
-        &credentials.key_pem,
-        policy,
-    )?;
+    let api =
+        Api::authenticated(args.coordinator, args.target, &ca, &credentials.cert_pem, &credentials.key_pem, policy)?;
     drop(credentials);
 
     let job = coordinator::fetch_job(&api).await?;
@@ -62,9 +55,7 @@ pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
 /// Runs the script while its output streams, then reports how it ended once
 /// the coordinator holds every byte.
 async fn run_and_report(api: &Api, layout: &Layout, job: Job) -> anyhow::Result<()> {
-    layout
-        .prepare()
-        .context("preparing the job's directories")?;
+    layout.prepare().context("preparing the job's directories")?;
     let spool = File::open(&layout.spool_file).context("opening the spool")?;
     let mut shipper = Shipper::new(CoordinatorLog { api }, spool, api.retry);
 
@@ -88,28 +79,19 @@ async fn run_and_report(api: &Api, layout: &Layout, job: Job) -> anyhow::Result<
     }
     let outcome = runner.await;
     let mut total = shipped?;
-    let outcome: ScriptOutcome =
-        outcome.map_err(|err| anyhow!("the script runner failed: {err}"))?;
+    let outcome: ScriptOutcome = outcome.map_err(|err| anyhow!("the script runner failed: {err}"))?;
     info!(%outcome, bytes = total, "script ended; output committed");
 
     let mut retry = Retry::new(api.retry, "reporting the exit");
     loop {
-        let report = ExitReport {
-            outcome: outcome.clone(),
-            total_bytes: total,
-        };
+        let report = ExitReport { outcome: outcome.clone(), total_bytes: total };
         match coordinator::report_exit(api, &report).await? {
             ExitAnswer::Accepted => return Ok(()),
             ExitAnswer::Resync(committed) => {
-                info!(
-                    committed,
-                    total, "the coordinator lacks output: streaming again"
-                );
+                info!(committed, total, "the coordinator lacks output: streaming again");
                 if committed == total {
                     retry
-                        .after(anyhow!(
-                            "the exit report was refused although all {total} bytes are committed"
-                        ))
+                        .after(anyhow!("the exit report was refused although all {total} bytes are committed"))
                         .await?;
                 }
                 shipper.resync(committed);

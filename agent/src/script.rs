@@ -42,10 +42,7 @@ pub async fn run(job: &Job, layout: &Layout, abort: oneshot::Receiver<()>) -> Sc
 }
 
 fn append(layout: &Layout, bytes: &[u8]) -> io::Result<()> {
-    OpenOptions::new()
-        .append(true)
-        .open(&layout.spool_file)?
-        .write_all(bytes)
+    OpenOptions::new().append(true).open(&layout.spool_file)?.write_all(bytes)
 }
 
 async fn spawn(job: &Job, layout: &Layout) -> anyhow::Result<Child> {
@@ -57,10 +54,7 @@ async fn spawn(job: &Job, layout: &Layout) -> anyhow::Result<Child> {
         sh.arg(&layout.script);
         sh
     };
-    let spool = OpenOptions::new()
-        .append(true)
-        .open(&layout.spool_file)
-        .context("opening the spool")?;
+    let spool = OpenOptions::new().append(true).open(&layout.spool_file).context("opening the spool")?;
     let stderr = spool.try_clone().context("opening the spool")?;
     command
         .current_dir(&layout.work_dir)
@@ -92,12 +86,7 @@ async fn spawn(job: &Job, layout: &Layout) -> anyhow::Result<Child> {
 }
 
 fn write_script(layout: &Layout, script: &str) -> io::Result<()> {
-    let mut file: File = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o700)
-        .open(&layout.script)?;
+    let mut file: File = OpenOptions::new().write(true).create(true).truncate(true).mode(0o700).open(&layout.script)?;
     file.set_permissions(std::fs::Permissions::from_mode(0o700))?;
     file.write_all(script.as_bytes())?;
     file.sync_all()
@@ -109,15 +98,9 @@ enum End {
     Aborted,
 }
 
-async fn supervise(
-    mut child: Child,
-    limit: Duration,
-    mut abort: oneshot::Receiver<()>,
-) -> ScriptOutcome {
+async fn supervise(mut child: Child, limit: Duration, mut abort: oneshot::Receiver<()>) -> ScriptOutcome {
     let Some(pid) = child.id() else {
-        return ScriptOutcome::SpawnFailed {
-            message: "the script vanished at once".to_owned(),
-        };
+        return ScriptOutcome::SpawnFailed { message: "the script vanished at once".to_owned() };
     };
     let group = Pid::from_raw(pid as i32);
     info!(pid, timeout_secs = limit.as_secs(), "script started");
@@ -130,24 +113,11 @@ async fn supervise(
     kill_group(group);
     let (outcome, reaped) = match end {
         End::Exited(Ok(status)) => (outcome_of(status), true),
-        End::Exited(Err(err)) => (
-            ScriptOutcome::SpawnFailed {
-                message: format!("waiting for the script: {err}"),
-            },
-            true,
-        ),
-        End::TimedOut => (
-            ScriptOutcome::TimedOut {
-                after_secs: limit.as_secs(),
-            },
-            false,
-        ),
-        End::Aborted => (
-            ScriptOutcome::Signaled {
-                signal: Signal::SIGKILL as i32,
-            },
-            false,
-        ),
+        End::Exited(Err(err)) => {
+            (ScriptOutcome::SpawnFailed { message: format!("waiting for the script: {err}") }, true)
+        }
+        End::TimedOut => (ScriptOutcome::TimedOut { after_secs: limit.as_secs() }, false),
+        End::Aborted => (ScriptOutcome::Signaled { signal: Signal::SIGKILL as i32 }, false),
     };
     if !reaped {
         let waited = child.wait().await;
@@ -226,10 +196,7 @@ mod tests {
     async fn run_job(bed: &Bed, job: &Job) -> (ScriptOutcome, String) {
         let (_abort, abort_rx) = oneshot::channel();
         let outcome = run(job, &bed.layout, abort_rx).await;
-        (
-            outcome,
-            std::fs::read_to_string(&bed.layout.spool_file).unwrap(),
-        )
+        (outcome, std::fs::read_to_string(&bed.layout.spool_file).unwrap())
     }
 
     // With `#!` the script is executed itself: `#!/bin/cat` prints it.
@@ -237,10 +204,7 @@ mod tests {
     async fn honours_the_shebang() {
         let bed = bed();
         let script = "#!/bin/cat\necho not run by sh\n";
-        assert_eq!(
-            run_job(&bed, &job(script, 10)).await,
-            (ScriptOutcome::Exited { code: 0 }, script.to_owned())
-        );
+        assert_eq!(run_job(&bed, &job(script, 10)).await, (ScriptOutcome::Exited { code: 0 }, script.to_owned()));
     }
 
     #[tokio::test]
@@ -249,10 +213,7 @@ mod tests {
         let (outcome, log) = run_job(&bed, &job("echo hi\necho \"$0\"", 10)).await;
         assert_eq!(outcome, ScriptOutcome::Exited { code: 0 });
         assert_eq!(log, format!("hi\n{}\n", bed.layout.script.display()));
-        assert_eq!(
-            run_job(&bed, &job("#!/bin/sh\necho hi", 10)).await.0,
-            ScriptOutcome::Exited { code: 0 }
-        );
+        assert_eq!(run_job(&bed, &job("#!/bin/sh\necho hi", 10)).await.0, ScriptOutcome::Exited { code: 0 });
     }
 
     #[tokio::test]
@@ -271,10 +232,7 @@ mod tests {
         let job = job(script, 10);
         let (_, log) = run_job(&bed, &job).await;
         let work = bed.layout.work_dir.canonicalize().unwrap();
-        assert_eq!(
-            log,
-            format!("hello there|{}|{}\n", job.target, work.display())
-        );
+        assert_eq!(log, format!("hello there|{}|{}\n", job.target, work.display()));
     }
 
     #[tokio::test]
@@ -288,14 +246,9 @@ mod tests {
     async fn notes_a_failed_start_in_the_spool() {
         let bed = bed();
         let (outcome, log) = run_job(&bed, &job("#!/nonexistent/interpreter\n", 10)).await;
-        let ScriptOutcome::SpawnFailed { message } = outcome else {
-            panic!("{outcome:?}")
-        };
+        let ScriptOutcome::SpawnFailed { message } = outcome else { panic!("{outcome:?}") };
         assert!(message.contains("No such file or directory"), "{message}");
-        assert_eq!(
-            log,
-            format!("kiln-agent: could not start the script: {message}\n")
-        );
+        assert_eq!(log, format!("kiln-agent: could not start the script: {message}\n"));
     }
 
     fn is_gone(pid: &str) -> bool {

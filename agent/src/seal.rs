@@ -31,11 +31,8 @@ const USER_DATA_COPIES: &[&str] = &[
 ];
 
 /// Ways to power off, tried in order.
-const POWER_OFF: &[&[&str]] = &[
-    &["poweroff", "-f"],
-    &["busybox", "poweroff", "-f"],
-    &["systemctl", "poweroff", "--force", "--force"],
-];
+const POWER_OFF: &[&[&str]] =
+    &[&["poweroff", "-f"], &["busybox", "poweroff", "-f"], &["systemctl", "poweroff", "--force", "--force"]];
 
 /// How long a power-off command that returned success gets to take effect.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(30);
@@ -61,20 +58,13 @@ pub async fn seal(api: &Api, layout: &Layout) -> anyhow::Result<()> {
         Ok(exe) => doomed.push(exe),
         Err(err) => warn!("cannot find the agent's own binary to remove it: {err}"),
     }
-    doomed.extend(
-        USER_DATA_COPIES
-            .iter()
-            .flat_map(|pattern| expand(Path::new(pattern))),
-    );
+    doomed.extend(USER_DATA_COPIES.iter().flat_map(|pattern| expand(Path::new(pattern))));
     for path in &doomed {
         if let Err(err) = remove(path) {
             warn!("could not remove {}: {err}", path.display());
         }
     }
-    info!(
-        "sealed: removed {} paths; syncing and powering off",
-        doomed.len()
-    );
+    info!("sealed: removed {} paths; syncing and powering off", doomed.len());
 
     nix::unistd::sync();
     match command(&["fstrim", "-a"]).status() {
@@ -121,11 +111,7 @@ fn expand(pattern: &Path) -> Vec<PathBuf> {
     for component in pattern.components() {
         let part = component.as_os_str().to_string_lossy();
         if !part.contains('*') {
-            found = found
-                .into_iter()
-                .map(|base| base.join(&*part))
-                .filter(|p| p.symlink_metadata().is_ok())
-                .collect();
+            found = found.into_iter().map(|base| base.join(&*part)).filter(|p| p.symlink_metadata().is_ok()).collect();
             continue;
         }
         found = found
@@ -148,9 +134,7 @@ fn wildcard_match(pattern: &str, name: &str) -> bool {
             let Some(tail) = name.strip_prefix(prefix) else {
                 return false;
             };
-            (0..=tail.len())
-                .filter(|&i| tail.is_char_boundary(i))
-                .any(|i| wildcard_match(rest, &tail[i..]))
+            (0..=tail.len()).filter(|&i| tail.is_char_boundary(i)).any(|i| wildcard_match(rest, &tail[i..]))
         }
     }
 }
@@ -173,29 +157,18 @@ mod tests {
     fn expands_patterns_to_existing_paths() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        for file in [
-            "instances/i-1/user-data.txt",
-            "instances/i-1/user-data.txt.i",
-            "instances/i-2/user-data.txt",
-        ] {
+        for file in ["instances/i-1/user-data.txt", "instances/i-1/user-data.txt.i", "instances/i-2/user-data.txt"] {
             std::fs::create_dir_all(root.join(file).parent().unwrap()).unwrap();
             std::fs::write(root.join(file), "x").unwrap();
         }
         std::fs::write(root.join("instances/i-2/vendor-data.txt"), "x").unwrap();
         let found = expand(&root.join("instances/*/user-data.txt*"));
-        let expected: Vec<PathBuf> = [
-            "i-1/user-data.txt",
-            "i-1/user-data.txt.i",
-            "i-2/user-data.txt",
-        ]
-        .iter()
-        .map(|p| root.join("instances").join(p))
-        .collect();
+        let expected: Vec<PathBuf> = ["i-1/user-data.txt", "i-1/user-data.txt.i", "i-2/user-data.txt"]
+            .iter()
+            .map(|p| root.join("instances").join(p))
+            .collect();
         assert_eq!(found, expected);
-        assert_eq!(
-            expand(&root.join("instances/i-1/user-data.txt")),
-            expected[..1]
-        );
+        assert_eq!(expand(&root.join("instances/i-1/user-data.txt")), expected[..1]);
         assert!(expand(&root.join("missing/*")).is_empty());
     }
 

@@ -41,16 +41,8 @@ mod tests {
         let (file, data) = spool_of(1000);
         let chunk = read_chunk(file.as_file(), 3, MAX_CHUNK).unwrap();
         assert_eq!(chunk, data[3..]);
-        assert!(
-            read_chunk(file.as_file(), 1000, MAX_CHUNK)
-                .unwrap()
-                .is_empty()
-        );
-        assert!(
-            read_chunk(file.as_file(), 5000, MAX_CHUNK)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(read_chunk(file.as_file(), 1000, MAX_CHUNK).unwrap().is_empty());
+        assert!(read_chunk(file.as_file(), 5000, MAX_CHUNK).unwrap().is_empty());
     }
 
     #[test]

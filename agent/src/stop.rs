@@ -37,9 +37,7 @@ mod tests {
 
     #[test]
     fn exit_codes_survive_context() {
-        let wrapped = Err::<(), _>(Stop::TargetEnded)
-            .context("sending the log")
-            .context("running");
+        let wrapped = Err::<(), _>(Stop::TargetEnded).context("sending the log").context("running");
         assert_eq!(exit_code(&wrapped.unwrap_err()), 3);
         assert_eq!(exit_code(&Stop::EnrollRefused.into()), 2);
         assert_eq!(exit_code(&Stop::RefusedToSeal.into()), 4);

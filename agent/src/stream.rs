@@ -40,12 +40,7 @@ pub struct Shipper<S> {
 
 impl<S: LogSink> Shipper<S> {
     pub fn new(sink: S, spool: File, policy: RetryPolicy) -> Self {
-        Shipper {
-            sink,
-            spool: Arc::new(spool),
-            committed: 0,
-            policy,
-        }
+        Shipper { sink, spool: Arc::new(spool), committed: 0, policy }
     }
 
     /// Takes the coordinator's committed offset, e.g. from a refused exit report.
@@ -61,16 +56,9 @@ impl<S: LogSink> Shipper<S> {
             // Read before the length: once the script has ended, nothing
             // is appended after this point, so `len` is the final length.
             let script_ended = *ended.borrow_and_update() || ended.has_changed().is_err();
-            let len = self
-                .spool
-                .metadata()
-                .context("reading the spool's length")?
-                .len();
+            let len = self.spool.metadata().context("reading the spool's length")?.len();
             if self.committed > len {
-                bail!(
-                    "the coordinator holds {} bytes of log but the spool only {len}",
-                    self.committed
-                );
+                bail!("the coordinator holds {} bytes of log but the spool only {len}", self.committed);
             }
             if self.committed == len {
                 if script_ended {
@@ -92,22 +80,14 @@ impl<S: LogSink> Shipper<S> {
                     let committed = match put {
                         Put::Committed(n) => n,
                         Put::Mismatch(n) => {
-                            info!(
-                                offset,
-                                committed = n,
-                                "the coordinator holds a different offset: resending from it"
-                            );
+                            info!(offset, committed = n, "the coordinator holds a different offset: resending from it");
                             n
                         }
                     };
                     self.committed = committed;
                     if committed == offset {
                         // Neither taken nor redirected: do not hammer.
-                        retry
-                            .after(anyhow!(
-                                "the coordinator took none of {sent} bytes at offset {offset}"
-                            ))
-                            .await?;
+                        retry.after(anyhow!("the coordinator took none of {sent} bytes at offset {offset}")).await?;
                     } else {
                         debug!(offset, sent, committed, "log chunk committed");
                         retry.succeeded();
@@ -171,10 +151,7 @@ mod tests {
     }
 
     fn policy() -> RetryPolicy {
-        RetryPolicy {
-            max_backoff: Duration::from_millis(1),
-            give_up: Duration::from_secs(10),
-        }
+        RetryPolicy { max_backoff: Duration::from_millis(1), give_up: Duration::from_secs(10) }
     }
 
     fn spool_with(data: &[u8]) -> tempfile::NamedTempFile {
@@ -195,10 +172,7 @@ mod tests {
         let mut shipper = Shipper::new(&fake, spool.reopen().unwrap(), policy());
         assert_eq!(shipper.ship(&mut ended()).await.unwrap(), data.len() as u64);
         assert_eq!(*fake.log.borrow(), data);
-        assert_eq!(
-            *fake.offsets.borrow(),
-            [0, MAX_CHUNK as u64, 2 * MAX_CHUNK as u64]
-        );
+        assert_eq!(*fake.offsets.borrow(), [0, MAX_CHUNK as u64, 2 * MAX_CHUNK as u64]);
     }
 
     // A lost answer makes the agent resend; the 409 moves it on.
@@ -235,10 +209,7 @@ mod tests {
         *fake.scripted.borrow_mut() = vec![Answer::Forbidden];
         let mut shipper = Shipper::new(&fake, spool.reopen().unwrap(), policy());
         let err = shipper.ship(&mut ended()).await.unwrap_err();
-        assert!(
-            matches!(Stop::find(&err), Some(Stop::TargetEnded)),
-            "{err:#}"
-        );
+        assert!(matches!(Stop::find(&err), Some(Stop::TargetEnded)), "{err:#}");
     }
 
     #[tokio::test]
@@ -246,16 +217,10 @@ mod tests {
         let spool = spool_with(b"output");
         let fake = FakeLog::default();
         *fake.scripted.borrow_mut() = (0..1000).map(|_| Answer::Down).collect();
-        let policy = RetryPolicy {
-            max_backoff: Duration::from_millis(1),
-            give_up: Duration::from_millis(20),
-        };
+        let policy = RetryPolicy { max_backoff: Duration::from_millis(1), give_up: Duration::from_millis(20) };
         let mut shipper = Shipper::new(&fake, spool.reopen().unwrap(), policy);
         let err = shipper.ship(&mut ended()).await.unwrap_err();
-        assert!(
-            format!("{err:#}").starts_with("sending the log: gave up after"),
-            "{err:#}"
-        );
+        assert!(format!("{err:#}").starts_with("sending the log: gave up after"), "{err:#}");
     }
 
     // Output written while the script runs is shipped, and shipping ends

@@ -54,11 +54,7 @@ impl UserData<'_> {
             }
         }
         check_url("agent URL", self.agent_url, &["https://"])?;
-        check_url(
-            "agent binary URL",
-            self.agent_binary_url,
-            &["http://", "https://"],
-        )?;
+        check_url("agent binary URL", self.agent_binary_url, &["http://", "https://"])?;
         check_sha256(self.agent_sha256)?;
         let ca_pem = normalize_certificate(self.ca_pem)?;
         if self.token.is_empty() {
@@ -87,11 +83,7 @@ impl UserData<'_> {
 }
 
 fn check_url(field: &'static str, url: &str, schemes: &[&'static str]) -> Result<(), RenderError> {
-    let bad = |reason: &'static str| RenderError::BadUrl {
-        field,
-        url: url.to_owned(),
-        reason,
-    };
+    let bad = |reason: &'static str| RenderError::BadUrl { field, url: url.to_owned(), reason };
     let Some(rest) = schemes.iter().find_map(|s| url.strip_prefix(s)) else {
         return Err(bad(if schemes.len() == 1 {
             "it must start with https://"
@@ -109,17 +101,8 @@ fn check_url(field: &'static str, url: &str, schemes: &[&'static str]) -> Result
 }
 
 fn check_sha256(sha256: &str) -> Result<(), RenderError> {
-    let ok = sha256.len() == 64
-        && sha256
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if ok {
-        Ok(())
-    } else {
-        Err(RenderError::BadSha256 {
-            value: sha256.to_owned(),
-        })
-    }
+    let ok = sha256.len() == 64 && sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if ok { Ok(()) } else { Err(RenderError::BadSha256 { value: sha256.to_owned() }) }
 }
 
 /// Checks that `pem` is exactly one CERTIFICATE block and returns it with
@@ -142,11 +125,8 @@ fn normalize_certificate(pem: &str) -> Result<String, RenderError> {
     if body.iter().any(|l| l.starts_with("-----")) {
         return bad("it holds more than one PEM block");
     }
-    let base64 = |l: &&str| {
-        !l.is_empty()
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-    };
+    let base64 =
+        |l: &&str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
     if !body.iter().all(base64) {
         return bad("its body is not base64");
     }

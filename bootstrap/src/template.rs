@@ -26,7 +26,5 @@ pub(crate) fn substitute(template: &str, value: impl Fn(&str) -> Option<String>)
 }
 
 fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }

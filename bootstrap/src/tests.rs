@@ -59,11 +59,8 @@ fn substitution_is_single_pass() {
 #[test]
 fn quoting_round_trips_through_sh() {
     for value in NASTY {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("v={}\nprintf %s \"$v\"", shell::quote(value)))
-            .output()
-            .unwrap();
+        let out =
+            Command::new("sh").arg("-c").arg(format!("v={}\nprintf %s \"$v\"", shell::quote(value))).output().unwrap();
         assert!(out.status.success(), "{value:?}: {out:?}");
         assert_eq!(String::from_utf8(out.stdout).unwrap(), *value);
     }
@@ -74,20 +71,11 @@ fn quoting_round_trips_through_sh() {
 fn rendered_token_cannot_break_out() {
     for token in NASTY {
         let script = UserData { token, ..fixed() }.render().unwrap();
-        let syntax = Command::new("sh")
-            .arg("-n")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .unwrap();
+        let syntax = Command::new("sh").arg("-n").arg("-c").arg(&script).output().unwrap();
         assert!(syntax.status.success(), "{token:?}: {syntax:?}");
 
         let assignments = &script[..script.find("\nfetch_timeout_secs=").unwrap()];
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{assignments}\nprintf %s \"$token\""))
-            .output()
-            .unwrap();
+        let out = Command::new("sh").arg("-c").arg(format!("{assignments}\nprintf %s \"$token\"")).output().unwrap();
         assert!(out.status.success(), "{token:?}: {out:?}");
         assert_eq!(String::from_utf8(out.stdout).unwrap(), *token);
     }
@@ -97,12 +85,7 @@ fn rendered_token_cannot_break_out() {
 fn ca_pem_is_normalized() {
     let crlf = CA.replace('\n', "\r\n");
     let padded = format!("\n\n{crlf}\n\n");
-    let script = UserData {
-        ca_pem: &padded,
-        ..fixed()
-    }
-    .render()
-    .unwrap();
+    let script = UserData { ca_pem: &padded, ..fixed() }.render().unwrap();
     assert_eq!(script, fixed().render().unwrap());
 }
 
@@ -114,24 +97,11 @@ fn error_of(data: UserData<'_>) -> String {
 fn rejects_bad_sha256() {
     let upper = "0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF";
     for bad in ["", "abc", upper, &"g".repeat(64), &"a".repeat(65)] {
-        let err = UserData {
-            agent_sha256: bad,
-            ..fixed()
-        }
-        .render()
-        .unwrap_err();
-        assert_eq!(
-            err,
-            RenderError::BadSha256 {
-                value: bad.to_owned()
-            }
-        );
+        let err = UserData { agent_sha256: bad, ..fixed() }.render().unwrap_err();
+        assert_eq!(err, RenderError::BadSha256 { value: bad.to_owned() });
     }
     assert_eq!(
-        error_of(UserData {
-            agent_sha256: "abc",
-            ..fixed()
-        }),
+        error_of(UserData { agent_sha256: "abc", ..fixed() }),
         "the agent sha256 must be 64 lowercase hex characters, got \"abc\""
     );
 }
@@ -143,39 +113,19 @@ fn rejects_a_pem_that_is_not_one_certificate() {
     let not_base64 = CA.replace("MIIB", "MI$B");
     let cases = [
         ("", "it is empty"),
-        (
-            "hello",
-            "it does not start with -----BEGIN CERTIFICATE-----",
-        ),
-        (
-            key.as_str(),
-            "it does not start with -----BEGIN CERTIFICATE-----",
-        ),
-        (
-            "-----BEGIN CERTIFICATE-----\nMIIB\n",
-            "it does not end with -----END CERTIFICATE-----",
-        ),
-        (
-            "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----",
-            "it does not end with -----END CERTIFICATE-----",
-        ),
+        ("hello", "it does not start with -----BEGIN CERTIFICATE-----"),
+        (key.as_str(), "it does not start with -----BEGIN CERTIFICATE-----"),
+        ("-----BEGIN CERTIFICATE-----\nMIIB\n", "it does not end with -----END CERTIFICATE-----"),
+        ("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----", "it does not end with -----END CERTIFICATE-----"),
         (two.as_str(), "it holds more than one PEM block"),
         (not_base64.as_str(), "its body is not base64"),
     ];
     for (pem, reason) in cases {
-        let err = UserData {
-            ca_pem: pem,
-            ..fixed()
-        }
-        .render()
-        .unwrap_err();
+        let err = UserData { ca_pem: pem, ..fixed() }.render().unwrap_err();
         assert_eq!(err, RenderError::BadCaPem { reason }, "{pem:?}");
     }
     assert_eq!(
-        error_of(UserData {
-            ca_pem: "hello",
-            ..fixed()
-        }),
+        error_of(UserData { ca_pem: "hello", ..fixed() }),
         "the CA certificate must be a single PEM CERTIFICATE block, but it does not start with -----BEGIN CERTIFICATE-----"
     );
 }
@@ -183,33 +133,16 @@ fn rejects_a_pem_that_is_not_one_certificate() {
 #[test]
 fn rejects_nul_bytes() {
     assert_eq!(
-        UserData {
-            token: "a\0b",
-            ..fixed()
-        }
-        .render()
-        .unwrap_err(),
-        RenderError::NulByte {
-            field: "enrollment token"
-        }
+        UserData { token: "a\0b", ..fixed() }.render().unwrap_err(),
+        RenderError::NulByte { field: "enrollment token" }
     );
     let ca = CA.replace("MIIB", "MI\0B");
     assert_eq!(
-        UserData {
-            ca_pem: &ca,
-            ..fixed()
-        }
-        .render()
-        .unwrap_err(),
-        RenderError::NulByte {
-            field: "CA certificate"
-        }
+        UserData { ca_pem: &ca, ..fixed() }.render().unwrap_err(),
+        RenderError::NulByte { field: "CA certificate" }
     );
     assert_eq!(
-        error_of(UserData {
-            agent_url: "https://a\0",
-            ..fixed()
-        }),
+        error_of(UserData { agent_url: "https://a\0", ..fixed() }),
         "the agent URL contains a NUL byte, which a shell script cannot carry"
     );
 }
@@ -217,53 +150,25 @@ fn rejects_nul_bytes() {
 #[test]
 fn rejects_bad_urls() {
     assert_eq!(
-        error_of(UserData {
-            agent_url: "http://10.0.2.2:7701",
-            ..fixed()
-        }),
+        error_of(UserData { agent_url: "http://10.0.2.2:7701", ..fixed() }),
         "the agent URL \"http://10.0.2.2:7701\" is not usable: it must start with https://"
     );
     assert_eq!(
-        error_of(UserData {
-            agent_binary_url: "ftp://x/kiln-agent",
-            ..fixed()
-        }),
+        error_of(UserData { agent_binary_url: "ftp://x/kiln-agent", ..fixed() }),
         "the agent binary URL \"ftp://x/kiln-agent\" is not usable: it must start with http:// or https://"
     );
     assert_eq!(
-        error_of(UserData {
-            agent_url: "https:///x",
-            ..fixed()
-        }),
+        error_of(UserData { agent_url: "https:///x", ..fixed() }),
         "the agent URL \"https:///x\" is not usable: it has no host"
     );
     assert_eq!(
-        error_of(UserData {
-            agent_binary_url: "http://x/a b",
-            ..fixed()
-        }),
+        error_of(UserData { agent_binary_url: "http://x/a b", ..fixed() }),
         "the agent binary URL \"http://x/a b\" is not usable: it contains whitespace or control characters"
     );
 }
 
 #[test]
 fn rejects_empty_token_and_zero_timeout() {
-    assert_eq!(
-        UserData {
-            token: "",
-            ..fixed()
-        }
-        .render()
-        .unwrap_err(),
-        RenderError::EmptyToken
-    );
-    assert_eq!(
-        UserData {
-            fetch_timeout_secs: 0,
-            ..fixed()
-        }
-        .render()
-        .unwrap_err(),
-        RenderError::ZeroFetchTimeout
-    );
+    assert_eq!(UserData { token: "", ..fixed() }.render().unwrap_err(), RenderError::EmptyToken);
+    assert_eq!(UserData { fetch_timeout_secs: 0, ..fixed() }.render().unwrap_err(), RenderError::ZeroFetchTimeout);
 }

@@ -46,10 +46,7 @@ pub struct Timeouts {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_script_bytes: 1024 * 1024,
-            max_script_timeout: Duration::from_secs(24 * 3600),
-        }
+        Self { max_script_bytes: 1024 * 1024, max_script_timeout: Duration::from_secs(24 * 3600) }
     }
 }
 
@@ -82,12 +79,7 @@ impl Config {
     /// The names in the agent listener's certificate: the public host, the
     /// loopback names, and any extra ones.
     pub fn certificate_names(&self) -> Vec<String> {
-        let mut names = vec![
-            self.public_host.clone(),
-            "localhost".into(),
-            "127.0.0.1".into(),
-            "::1".into(),
-        ];
+        let mut names = vec![self.public_host.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
         names.extend(self.server_names.iter().cloned());
         names.sort();
         names.dedup();

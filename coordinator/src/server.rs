@@ -23,11 +23,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(
-        api: SocketAddr,
-        agent: SocketAddr,
-        bootstrap: SocketAddr,
-    ) -> std::io::Result<Self> {
+    pub async fn bind(api: SocketAddr, agent: SocketAddr, bootstrap: SocketAddr) -> std::io::Result<Self> {
         Ok(Self {
             api: TcpListener::bind(api).await?,
             agent: TcpListener::bind(agent).await?,
@@ -55,11 +51,7 @@ pub struct Server {
 
 impl Server {
     /// Opens the data directory, resumes unfinished targets and starts serving.
-    pub async fn start(
-        config: Config,
-        providers: Providers,
-        listeners: Listeners,
-    ) -> Result<Self, AppError> {
+    pub async fn start(config: Config, providers: Providers, listeners: Listeners) -> Result<Self, AppError> {
         let addrs = Addrs {
             api: listeners.api.local_addr()?,
             agent: listeners.agent.local_addr()?,
@@ -74,23 +66,12 @@ impl Server {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let plain = |listener: TcpListener, router: axum::Router, stop: CancellationToken| async move {
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
+            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
                 tracing::error!(error = %e, "listener failed");
             }
         };
-        tasks.spawn(plain(
-            listeners.api,
-            api::v1::router(app.clone()),
-            shutdown.clone(),
-        ));
-        tasks.spawn(plain(
-            listeners.bootstrap,
-            api::bootstrap::router(app.clone()),
-            shutdown.clone(),
-        ));
+        tasks.spawn(plain(listeners.api, api::v1::router(app.clone()), shutdown.clone()));
+        tasks.spawn(plain(listeners.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
         tasks.spawn(api::tls::serve(
             listeners.agent,
             app.pki().agent_tls(),
@@ -98,12 +79,7 @@ impl Server {
             shutdown.clone(),
         ));
         tracing::info!(api = %addrs.api, agent = %addrs.agent, bootstrap = %addrs.bootstrap, "kiln coordinator listening");
-        Ok(Self {
-            app,
-            addrs,
-            shutdown,
-            tasks,
-        })
+        Ok(Self { app, addrs, shutdown, tasks })
     }
 
     pub fn app(&self) -> &App {
@@ -123,9 +99,7 @@ impl Server {
         // Connection tasks may hold the app a moment longer; the store (and its
         // file lock) closes when the last one lets go.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::sync::Arc::strong_count(&self.app.0) > 1
-            && tokio::time::Instant::now() < deadline
-        {
+        while std::sync::Arc::strong_count(&self.app.0) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }

@@ -27,6 +27,9 @@ pub mod paths {
     pub const SEALING: &str = "/agent/v1/targets/{target}/sealing";
     /// The bootstrap listener's route for the agent binary (plain HTTP).
     pub const AGENT_BINARY: &str = "/bootstrap/v1/kiln-agent";
+    /// The bootstrap listener's NoCloud seed of a target (plain HTTP):
+    /// `user-data`, `meta-data`, `vendor-data` and `network-config` below it.
+    pub const SEED: &str = "/bootstrap/v1/seed/{target}/{file}";
 
     fn fill(template: &str, target: TargetId) -> String {
         template.replace("{target}", &target.to_string())
@@ -45,6 +48,10 @@ pub mod paths {
     }
     pub fn sealing(target: TargetId) -> String {
         fill(SEALING, target)
+    }
+    /// The seed's base URL path, ending in `/` as NoCloud expects.
+    pub fn seed(target: TargetId) -> String {
+        fill(SEED, target).replace("{file}", "")
     }
 }
 

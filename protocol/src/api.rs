@@ -9,9 +9,7 @@ use crate::agent::ScriptOutcome;
 use crate::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 
 /// Which provider drives a cloud.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CloudKind {
     /// Local VMs under QEMU on the coordinator's machine.
@@ -128,10 +126,7 @@ pub enum Status {
 impl Status {
     /// True once nothing more will happen.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Status::Successful | Status::Failed | Status::Cancelled
-        )
+        matches!(self, Status::Successful | Status::Failed | Status::Cancelled)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -146,9 +141,7 @@ impl Status {
 }
 
 /// The steps of a target's workflow, in order.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Launch,
@@ -235,8 +228,12 @@ pub struct Image {
     pub name: String,
     pub cloud: CloudName,
     pub created_at: Timestamp,
+    /// Bytes the image takes up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// Bytes of the disk the image boots as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     pub provenance: Provenance,

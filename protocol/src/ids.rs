@@ -87,16 +87,8 @@ fn check_name(name: &str) -> Result<(), InvalidName> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(InvalidName {
-            name: name.to_owned(),
-        })
-    }
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if ok { Ok(()) } else { Err(InvalidName { name: name.to_owned() }) }
 }
 
 macro_rules! name_id {

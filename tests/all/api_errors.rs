@@ -7,37 +7,20 @@ use serde_json::json;
 
 /// Sends `body` (JSON, or raw text when it is a string) and checks the status
 /// and that the error message contains `needle`.
-async fn check(
-    bed: &Bed,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-    status: u16,
-    needle: &str,
-) {
+async fn check(bed: &Bed, method: Method, path: &str, body: Option<serde_json::Value>, status: u16, needle: &str) {
     let mut req = bed.client.request(method.clone(), path);
     match body {
-        Some(serde_json::Value::String(raw)) => {
-            req = req.header("content-type", "application/json").body(raw)
-        }
+        Some(serde_json::Value::String(raw)) => req = req.header("content-type", "application/json").body(raw),
         Some(v) => req = req.json(&v),
         None => {}
     }
     let resp = req.send().await.unwrap();
     let got = resp.status();
     let text = resp.text().await.unwrap();
-    assert_eq!(
-        got,
-        StatusCode::from_u16(status).unwrap(),
-        "{method} {path}: {text}"
-    );
-    let err: ErrorBody = serde_json::from_str(&text)
-        .unwrap_or_else(|_| panic!("{method} {path}: not a JSON error: {text}"));
-    assert!(
-        err.message.contains(needle),
-        "{method} {path}: {:?} lacks {needle:?}",
-        err.message
-    );
+    assert_eq!(got, StatusCode::from_u16(status).unwrap(), "{method} {path}: {text}");
+    let err: ErrorBody =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {path}: not a JSON error: {text}"));
+    assert!(err.message.contains(needle), "{method} {path}: {:?} lacks {needle:?}", err.message);
 }
 
 fn generator(name: &str, script: &str) -> serde_json::Value {
@@ -49,11 +32,7 @@ fn generator(name: &str, script: &str) -> serde_json::Value {
 async fn bad_input_gets_clear_errors() {
     let bed = Bed::start().await;
     bed.add_cloud("local").await;
-    let ok: serde_json::Value = bed
-        .client
-        .post("/v1/generators", &generator("good", "echo hi"))
-        .await
-        .unwrap();
+    let ok: serde_json::Value = bed.client.post("/v1/generators", &generator("good", "echo hi")).await.unwrap();
     assert_eq!(ok["number"], 1);
     let mut no_cloud = generator("nocloud", "echo hi");
     no_cloud["targets"] = json!({"elsewhere": {"base_image": "process"}});
@@ -64,41 +43,11 @@ async fn bad_input_gets_clear_errors() {
 
     let big = "x".repeat(1024 * 1024 + 1);
     let cases: Vec<(Method, &str, Option<serde_json::Value>, u16, &str)> = vec![
-        (
-            Method::POST,
-            "/v1/generators",
-            Some(generator("empty", "")),
-            400,
-            "the script is empty",
-        ),
-        (
-            Method::POST,
-            "/v1/generators",
-            Some(generator("big", &big)),
-            400,
-            "the limit is 1048576 bytes",
-        ),
-        (
-            Method::POST,
-            "/v1/generators",
-            Some(json!("{not json")),
-            400,
-            "not valid JSON",
-        ),
-        (
-            Method::POST,
-            "/v1/generators",
-            Some(generator("Bad Name", "echo")),
-            400,
-            "invalid name",
-        ),
-        (
-            Method::POST,
-            "/v1/generators",
-            Some(json!({"name": "x", "targets": {}})),
-            400,
-            "missing field `script`",
-        ),
+        (Method::POST, "/v1/generators", Some(generator("empty", "")), 400, "the script is empty"),
+        (Method::POST, "/v1/generators", Some(generator("big", &big)), 400, "the limit is 1048576 bytes"),
+        (Method::POST, "/v1/generators", Some(json!("{not json")), 400, "not valid JSON"),
+        (Method::POST, "/v1/generators", Some(generator("Bad Name", "echo")), 400, "invalid name"),
+        (Method::POST, "/v1/generators", Some(json!({"name": "x", "targets": {}})), 400, "missing field `script`"),
         (
             Method::POST,
             "/v1/generators",
@@ -113,83 +62,17 @@ async fn bad_input_gets_clear_errors() {
             400,
             "timeout_secs is 0",
         ),
-        (
-            Method::POST,
-            "/v1/generators",
-            Some(generator("good", "echo again")),
-            409,
-            "already exists",
-        ),
-        (
-            Method::PUT,
-            "/v1/generators/nope",
-            Some(generator("nope", "echo")),
-            404,
-            "generator nope not found",
-        ),
-        (
-            Method::PUT,
-            "/v1/generators/good",
-            Some(generator("other", "echo")),
-            400,
-            "cannot be renamed",
-        ),
-        (
-            Method::GET,
-            "/v1/generators/nope",
-            None,
-            404,
-            "generator nope does not exist",
-        ),
-        (
-            Method::GET,
-            "/v1/generators/good/revisions/7",
-            None,
-            404,
-            "has no revision 7",
-        ),
-        (
-            Method::POST,
-            "/v1/clouds",
-            Some(json!({"name": "local", "kind": "qemu"})),
-            409,
-            "cloud local already exists",
-        ),
-        (
-            Method::POST,
-            "/v1/clouds",
-            Some(json!({"name": "x", "kind": "vmware"})),
-            400,
-            "unknown variant `vmware`",
-        ),
-        (
-            Method::GET,
-            "/v1/clouds/nope",
-            None,
-            404,
-            "cloud nope does not exist",
-        ),
-        (
-            Method::DELETE,
-            "/v1/clouds/nope",
-            None,
-            404,
-            "cloud nope does not exist",
-        ),
-        (
-            Method::POST,
-            "/v1/builds",
-            Some(json!({"generator": "nope"})),
-            404,
-            "generator nope does not exist",
-        ),
-        (
-            Method::POST,
-            "/v1/builds",
-            Some(json!({"generator": "good", "revision": 9})),
-            404,
-            "has no revision 9",
-        ),
+        (Method::POST, "/v1/generators", Some(generator("good", "echo again")), 409, "already exists"),
+        (Method::PUT, "/v1/generators/nope", Some(generator("nope", "echo")), 404, "generator nope not found"),
+        (Method::PUT, "/v1/generators/good", Some(generator("other", "echo")), 400, "cannot be renamed"),
+        (Method::GET, "/v1/generators/nope", None, 404, "generator nope does not exist"),
+        (Method::GET, "/v1/generators/good/revisions/7", None, 404, "has no revision 7"),
+        (Method::POST, "/v1/clouds", Some(json!({"name": "local", "kind": "qemu"})), 409, "cloud local already exists"),
+        (Method::POST, "/v1/clouds", Some(json!({"name": "x", "kind": "vmware"})), 400, "unknown variant `vmware`"),
+        (Method::GET, "/v1/clouds/nope", None, 404, "cloud nope does not exist"),
+        (Method::DELETE, "/v1/clouds/nope", None, 404, "cloud nope does not exist"),
+        (Method::POST, "/v1/builds", Some(json!({"generator": "nope"})), 404, "generator nope does not exist"),
+        (Method::POST, "/v1/builds", Some(json!({"generator": "good", "revision": 9})), 404, "has no revision 9"),
         (
             Method::POST,
             "/v1/builds",
@@ -197,13 +80,7 @@ async fn bad_input_gets_clear_errors() {
             400,
             "has no target for cloud other",
         ),
-        (
-            Method::POST,
-            "/v1/builds",
-            Some(json!({"generator": "nocloud"})),
-            404,
-            "cloud elsewhere does not exist",
-        ),
+        (Method::POST, "/v1/builds", Some(json!({"generator": "nocloud"})), 404, "cloud elsewhere does not exist"),
         (
             Method::POST,
             "/v1/builds",
@@ -212,27 +89,9 @@ async fn bad_input_gets_clear_errors() {
             "ImageNotFound: base image missing does not exist",
         ),
         (Method::GET, "/v1/builds/not-a-uuid", None, 400, "bad path"),
-        (
-            Method::GET,
-            "/v1/builds/0190a5d2-0000-7000-8000-000000000000",
-            None,
-            404,
-            "does not exist",
-        ),
-        (
-            Method::POST,
-            "/v1/builds/0190a5d2-0000-7000-8000-000000000000/cancel",
-            None,
-            404,
-            "does not exist",
-        ),
-        (
-            Method::GET,
-            "/v1/targets/0190a5d2-0000-7000-8000-000000000000/log",
-            None,
-            404,
-            "does not exist",
-        ),
+        (Method::GET, "/v1/builds/0190a5d2-0000-7000-8000-000000000000", None, 404, "does not exist"),
+        (Method::POST, "/v1/builds/0190a5d2-0000-7000-8000-000000000000/cancel", None, 404, "does not exist"),
+        (Method::GET, "/v1/targets/0190a5d2-0000-7000-8000-000000000000/log", None, 404, "does not exist"),
         (Method::GET, "/v1/builds?limit=many", None, 400, "bad query"),
     ];
     for (method, path, body, status, needle) in cases {
@@ -240,18 +99,9 @@ async fn bad_input_gets_clear_errors() {
     }
 
     // A body that is not JSON at all, and one far over any limit.
-    let resp = bed
-        .client
-        .request(Method::POST, "/v1/generators")
-        .body("name=x")
-        .send()
-        .await
-        .unwrap();
+    let resp = bed.client.request(Method::POST, "/v1/generators").body("name=x").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
-    let huge = format!(
-        "{{\"name\":\"h\",\"script\":\"{}\",\"targets\":{{}}}}",
-        "x".repeat(3 * 1024 * 1024)
-    );
+    let huge = format!("{{\"name\":\"h\",\"script\":\"{}\",\"targets\":{{}}}}", "x".repeat(3 * 1024 * 1024));
     let resp = bed
         .client
         .request(Method::POST, "/v1/generators")

@@ -33,48 +33,30 @@ async fn wait_step(bed: &Bed, build: kiln_protocol::BuildId, target: TargetId, s
     let wait = async {
         let mut changes = bed.app().subscribe_changes();
         loop {
-            let b: Build = bed
-                .client
-                .get(&format!("/v1/builds/{build}"))
-                .await
-                .unwrap();
+            let b: Build = bed.client.get(&format!("/v1/builds/{build}")).await.unwrap();
             if b.targets.iter().any(|t| t.id == target && t.step >= step) {
                 return;
             }
             changes.changed().await.unwrap();
         }
     };
-    tokio::time::timeout(Duration::from_secs(30), wait)
-        .await
-        .expect("target reached its step");
+    tokio::time::timeout(Duration::from_secs(30), wait).await.expect("target reached its step");
 }
 
 fn csr() -> (KeyPair, String) {
     let key = KeyPair::generate().unwrap();
-    let csr = CertificateParams::new(Vec::<String>::new())
-        .unwrap()
-        .serialize_request(&key)
-        .unwrap()
-        .pem()
-        .unwrap();
+    let csr = CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap().pem().unwrap();
     (key, csr)
 }
 
 fn anonymous(bed: &Bed) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(bed.app().pki().ca_pem().as_bytes()).unwrap();
-    reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
-        .build()
-        .unwrap()
+    reqwest::Client::builder().use_rustls_tls().tls_built_in_root_certs(false).add_root_certificate(ca).build().unwrap()
 }
 
 fn with_identity(bed: &Bed, cert_pem: &str, key: &KeyPair) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(bed.app().pki().ca_pem().as_bytes()).unwrap();
-    let identity =
-        reqwest::Identity::from_pem(format!("{cert_pem}{}", key.serialize_pem()).as_bytes())
-            .unwrap();
+    let identity = reqwest::Identity::from_pem(format!("{cert_pem}{}", key.serialize_pem()).as_bytes()).unwrap();
     reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -85,17 +67,8 @@ fn with_identity(bed: &Bed, cert_pem: &str, key: &KeyPair) -> reqwest::Client {
 }
 
 async fn enroll(bed: &Bed, target: TargetId, token: &str, csr: &str) -> reqwest::Response {
-    let req = EnrollRequest {
-        target,
-        token: token.into(),
-        csr_pem: csr.into(),
-    };
-    anonymous(bed)
-        .post(format!("{}{}", bed.agent_url(), paths::ENROLL))
-        .json(&req)
-        .send()
-        .await
-        .unwrap()
+    let req = EnrollRequest { target, token: token.into(), csr_pem: csr.into() };
+    anonymous(bed).post(format!("{}{}", bed.agent_url(), paths::ENROLL)).json(&req).send().await.unwrap()
 }
 
 async fn status_and_message(resp: reqwest::Response) -> (StatusCode, String) {
@@ -115,13 +88,8 @@ async fn tokens_are_single_use() {
     let (_, good_csr) = csr();
 
     let (status, msg) = status_and_message(
-        enroll(
-            &bed,
-            target,
-            &token,
-            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
-        )
-        .await,
+        enroll(&bed, target, &token, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+            .await,
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -135,11 +103,7 @@ async fn tokens_are_single_use() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(msg.contains("already used"), "{msg}");
 
-    let b: Build = bed
-        .client
-        .post(&format!("/v1/builds/{}/cancel", build.id), &())
-        .await
-        .unwrap();
+    let b: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
     assert_eq!(bed.wait(&b).await.status, Status::Cancelled);
 }
 
@@ -147,11 +111,9 @@ async fn tokens_are_single_use() {
 // home, so the target fails after its timeout with the console in the error.
 #[tokio::test]
 async fn expired_token_is_refused() {
-    let bed = Bed::with(Options {
-        token_ttl: Duration::ZERO,
-        agent_contact: Duration::from_secs(3),
-    })
-    .await;
+    let bed =
+        Bed::with(Options { token_ttl: Duration::ZERO, agent_contact: Duration::from_secs(3), ..Options::default() })
+            .await;
     let build = idle_build(&bed, &["local"]).await;
     let target = build.targets[0].id;
     let token = bed.app().pki().tokens().token(target);
@@ -162,21 +124,11 @@ async fn expired_token_is_refused() {
 
     let build = bed.wait(&build).await;
     let t = &build.targets[0];
-    assert!(
-        t.timings.agent_contact_at.is_none(),
-        "no enrollment was recorded"
-    );
+    assert!(t.timings.agent_contact_at.is_none(), "no enrollment was recorded");
     let err = t.error.as_ref().unwrap();
     assert_eq!(err.reason, FailureReason::AgentUnreachable);
-    assert!(
-        err.message.contains("did not phone home within 3s"),
-        "{}",
-        err.message
-    );
-    assert!(
-        bed.provider.live_instances().is_empty(),
-        "the instance was terminated"
-    );
+    assert!(err.message.contains("did not phone home within 3s"), "{}", err.message);
+    assert!(bed.provider.live_instances().is_empty(), "the instance was terminated");
 }
 
 // A certificate opens only its own target, only while the target runs; log
@@ -192,46 +144,19 @@ async fn certificates_are_bound_to_their_target() {
     let agent = with_identity(&bed, &cert.certificate_pem, &key);
     let url = |p: String| format!("{}{p}", bed.agent_url());
 
-    let job: Job = agent
-        .get(url(paths::job(a)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Job = agent.get(url(paths::job(a))).send().await.unwrap().json().await.unwrap();
     assert_eq!(job.script, "echo job\n");
 
-    let (status, msg) =
-        status_and_message(agent.get(url(paths::job(b))).send().await.unwrap()).await;
+    let (status, msg) = status_and_message(agent.get(url(paths::job(b))).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(msg.contains(&format!("belongs to target {a}")), "{msg}");
-    let resp = agent
-        .put(url(paths::log(b)))
-        .query(&[("offset", 0)])
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let resp = agent.put(url(paths::log(b))).query(&[("offset", 0)]).body("x").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 
-    let (status, _) = status_and_message(
-        anonymous(&bed)
-            .get(url(paths::job(a)))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, _) = status_and_message(anonymous(&bed).get(url(paths::job(a))).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "no certificate, no job");
 
-    let resp = agent
-        .put(url(paths::log(a)))
-        .query(&[("offset", 5)])
-        .body("gap")
-        .send()
-        .await
-        .unwrap();
+    let resp = agent.put(url(paths::log(a))).query(&[("offset", 5)]).body("gap").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let err: ErrorBody = resp.json().await.unwrap();
     assert_eq!(err.committed, Some(0));
@@ -247,14 +172,9 @@ async fn certificates_are_bound_to_their_target() {
         .unwrap();
     assert_eq!(ack.committed, 6);
 
-    let done: Build = bed
-        .client
-        .post(&format!("/v1/builds/{}/cancel", build.id), &())
-        .await
-        .unwrap();
+    let done: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
     bed.wait(&done).await;
-    let (status, msg) =
-        status_and_message(agent.get(url(paths::job(a))).send().await.unwrap()).await;
+    let (status, msg) = status_and_message(agent.get(url(paths::job(a))).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(msg.contains("has ended"), "{msg}");
 }
@@ -289,10 +209,7 @@ async fn foreign_certificates_are_rejected() {
     .await
     .expect("the agent gave up in time")
     .unwrap();
-    assert!(
-        !out.status.success(),
-        "the agent must not accept a foreign server certificate"
-    );
+    assert!(!out.status.success(), "the agent must not accept a foreign server certificate");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
 
@@ -303,32 +220,14 @@ async fn foreign_certificates_are_rejected() {
     let issuer = rcgen::Issuer::new(params, other_key);
     let forged = leaf.signed_by(&key, &issuer).unwrap();
     let client = with_identity(&bed, &forged.pem(), &key);
-    let result = client
-        .get(format!("{}{}", bed.agent_url(), paths::job(target)))
-        .send()
-        .await;
+    let result = client.get(format!("{}{}", bed.agent_url(), paths::job(target))).send().await;
     match result {
         Err(_) => {}
-        Ok(resp) => assert_ne!(
-            resp.status(),
-            StatusCode::OK,
-            "a forged certificate opened the job"
-        ),
+        Ok(resp) => assert_ne!(resp.status(), StatusCode::OK, "a forged certificate opened the job"),
     }
 
-    let b: Build = bed
-        .client
-        .get(&format!("/v1/builds/{}", build.id))
-        .await
-        .unwrap();
-    assert!(
-        b.targets[0].timings.agent_contact_at.is_none(),
-        "nothing enrolled"
-    );
-    let done: Build = bed
-        .client
-        .post(&format!("/v1/builds/{}/cancel", build.id), &())
-        .await
-        .unwrap();
+    let b: Build = bed.client.get(&format!("/v1/builds/{}", build.id)).await.unwrap();
+    assert!(b.targets[0].timings.agent_contact_at.is_none(), "nothing enrolled");
+    let done: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
     bed.wait(&done).await;
 }

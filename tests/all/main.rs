@@ -6,5 +6,6 @@ mod builds;
 mod cli;
 mod enrollment;
 mod openapi;
+mod qemu;
 mod resilience;
 mod user_data;

@@ -7,8 +7,5 @@ async fn openapi_matches_checked_in_copy() {
 
     let bed = kiln_tests::bed::Bed::start().await;
     let served: serde_json::Value = bed.client.get("/v1/openapi.json").await.unwrap();
-    assert_eq!(
-        served,
-        serde_json::from_str::<serde_json::Value>(&doc).unwrap()
-    );
+    assert_eq!(served, serde_json::from_str::<serde_json::Value>(&doc).unwrap());
 }

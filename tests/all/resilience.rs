@@ -17,8 +17,7 @@ fn seq(from: u64, to: u64) -> String {
 async fn log_survives_twenty_connection_cuts() {
     let bed = Bed::start().await;
     let proxy = ChaosProxy::start(bed.addrs().agent).await;
-    bed.provider
-        .route_agents_through(format!("https://{}", proxy.addr));
+    bed.provider.route_agents_through(format!("https://{}", proxy.addr));
     bed.add_cloud("local").await;
     // 100 batches of 7,500 numbers, paced so the cuts land mid-stream: 5.1 MB.
     let script = "i=0\nwhile [ $i -lt 100 ]; do seq $((i*7500+1)) $(((i+1)*7500)); i=$((i+1)); sleep 0.1; done\n";
@@ -38,19 +37,9 @@ async fn log_survives_twenty_connection_cuts() {
     let expected = seq(1, 750_000);
     assert!(expected.len() > 5_000_000);
     assert_eq!(build.status, Status::Successful, "{build:#?}");
-    assert!(
-        log == expected.as_bytes(),
-        "the live log differs from the script's output"
-    );
-    assert!(
-        bed.log(target).await == expected.as_bytes(),
-        "the stored log differs from the script's output"
-    );
-    assert!(
-        proxy.severed() >= 5,
-        "only {} cuts hit a live connection",
-        proxy.severed()
-    );
+    assert!(log == expected.as_bytes(), "the live log differs from the script's output");
+    assert!(bed.log(target).await == expected.as_bytes(), "the stored log differs from the script's output");
+    assert!(proxy.severed() >= 5, "only {} cuts hit a live connection", proxy.severed());
 }
 
 // The coordinator stopped mid-script and started again on the same data
@@ -70,8 +59,7 @@ async fn build_survives_coordinator_restart() {
     let build = bed.start_build("restart").await;
     let target = build.targets[0].id;
     let first = seq(1, 20000);
-    bed.follow_until(target, |log| log.len() >= first.len())
-        .await;
+    bed.follow_until(target, |log| log.len() >= first.len()).await;
 
     bed.restart().await;
     std::fs::write(&gate, "open").unwrap();
@@ -79,9 +67,6 @@ async fn build_survives_coordinator_restart() {
     let build = bed.wait(&build).await;
 
     assert_eq!(build.status, Status::Successful, "{build:#?}");
-    assert!(
-        log == seq(1, 40000).as_bytes(),
-        "the log after the restart is not the script's output"
-    );
+    assert!(log == seq(1, 40000).as_bytes(), "the log after the restart is not the script's output");
     assert!(bed.provider.live_instances().is_empty());
 }

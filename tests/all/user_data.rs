@@ -20,18 +20,13 @@ const TOKEN: &str = "it's $(not) `run`\nsecond line";
 /// Serves `body` to every request after answering the first `failures` with 503.
 fn serve(body: Vec<u8>, failures: usize) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!(
-        "http://{}/bootstrap/v1/kiln-agent",
-        listener.local_addr().unwrap()
-    );
+    let url = format!("http://{}/bootstrap/v1/kiln-agent", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             let mut reader = BufReader::new(stream.try_clone().unwrap());
             let mut line = String::new();
             while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim_end() != "" {
@@ -70,11 +65,7 @@ struct Bed {
 impl Bed {
     /// Renders user-data for a server that fails once, then serves `agent`;
     /// `claimed` overrides the sha256 written into the user-data.
-    fn new(
-        agent: impl FnOnce(&Path) -> Vec<u8>,
-        claimed: Option<&str>,
-        fetch_timeout_secs: u64,
-    ) -> Bed {
+    fn new(agent: impl FnOnce(&Path) -> Vec<u8>, claimed: Option<&str>, fetch_timeout_secs: u64) -> Bed {
         let tmp = tempfile::tempdir().unwrap();
         let body = agent(&tmp.path().join("out"));
         let sha256 = claimed.map_or_else(|| hex::encode(Sha256::digest(&body)), str::to_owned);
@@ -102,9 +93,7 @@ impl Bed {
     /// Runs the user-data with `shell` (argv prefix), `PATH` replaced when given.
     fn run(&self, shell: &[&str], path: Option<&Path>) -> Output {
         let mut cmd = Command::new(shell[0]);
-        cmd.args(&shell[1..])
-            .arg(&self.script)
-            .env("KILN_AGENT_DIR", self.agent_dir());
+        cmd.args(&shell[1..]).arg(&self.script).env("KILN_AGENT_DIR", self.agent_dir());
         if let Some(path) = path {
             cmd.env("PATH", path);
         }
@@ -115,40 +104,26 @@ impl Bed {
     fn assert_agent_ran(&self, output: &Output) {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{output:?}");
-        assert!(
-            stderr.contains("kiln-bootstrap: attempt 1: download failed"),
-            "{stderr}"
-        );
-        assert!(
-            stderr.contains("kiln-bootstrap: sha256 verified"),
-            "{stderr}"
-        );
+        assert!(stderr.contains("kiln-bootstrap: attempt 1: download failed"), "{stderr}");
+        assert!(stderr.contains("kiln-bootstrap: sha256 verified"), "{stderr}");
         assert_eq!(self.hits.load(Ordering::SeqCst), 2, "{stderr}");
         let dir = self.agent_dir();
         let expected = format!(
             "<--coordinator>\n<https://127.0.0.1:7701>\n<--ca>\n<{dir}/ca.pem>\n<--target>\n<{TARGET}>\n<--dir>\n<{dir}>\ntoken=<{TOKEN}>\n",
             dir = dir.display()
         );
-        assert_eq!(
-            std::fs::read_to_string(self.tmp.path().join("out")).unwrap(),
-            expected
-        );
+        assert_eq!(std::fs::read_to_string(self.tmp.path().join("out")).unwrap(), expected);
         assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), CA);
         assert!(!dir.join("kiln-agent.part").exists());
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(dir.join("kiln-agent"))
-                .unwrap()
-                .permissions(),
-        );
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join("kiln-agent")).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o700);
     }
 }
 
 /// The absolute path of `program` on `PATH`, if any.
 fn which(program: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(program)).find(|p| p.is_file())
 }
 
 fn run_under(shell: &str, extra: &[&str]) {
@@ -157,10 +132,7 @@ fn run_under(shell: &str, extra: &[&str]) {
         return;
     };
     let bed = Bed::new(fake_agent, None, 60);
-    let argv: Vec<&str> = [path.to_str().unwrap()]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect();
+    let argv: Vec<&str> = [path.to_str().unwrap()].into_iter().chain(extra.iter().copied()).collect();
     bed.assert_agent_ran(&bed.run(&argv, None));
 }
 
@@ -188,9 +160,7 @@ fn downloads_verifies_and_execs_under_busybox_sh() {
 fn restricted_path(bed: &Bed, extra: &[(&str, PathBuf)]) -> PathBuf {
     let bin = bed.tmp.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    for tool in [
-        "mkdir", "cat", "rm", "chmod", "mv", "date", "sleep", "timeout",
-    ] {
+    for tool in ["mkdir", "cat", "rm", "chmod", "mv", "date", "sleep", "timeout"] {
         symlink(which(tool).unwrap(), bin.join(tool)).unwrap();
     }
     for (name, real) in extra {
@@ -201,13 +171,8 @@ fn restricted_path(bed: &Bed, extra: &[(&str, PathBuf)]) -> PathBuf {
 
 /// The real python3 executable (not a version manager's shim).
 fn python3() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args(["-c", "import sys; print(sys.executable)"])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+    let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().ok()?;
+    out.status.success().then(|| PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
 #[test]
@@ -217,10 +182,7 @@ fn downloads_with_wget_when_curl_is_missing() {
         return;
     };
     let bed = Bed::new(fake_agent, None, 60);
-    let path = restricted_path(
-        &bed,
-        &[("wget", wget), ("sha256sum", which("sha256sum").unwrap())],
-    );
+    let path = restricted_path(&bed, &[("wget", wget), ("sha256sum", which("sha256sum").unwrap())]);
     bed.assert_agent_ran(&bed.run(&[which("sh").unwrap().to_str().unwrap()], Some(&path)));
 }
 
@@ -245,19 +207,7 @@ fn downloads_with_busybox_alone() {
     let bed = Bed::new(fake_agent, None, 60);
     let bin = bed.tmp.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
-    let applets = [
-        "sh",
-        "mkdir",
-        "cat",
-        "rm",
-        "chmod",
-        "mv",
-        "date",
-        "sleep",
-        "timeout",
-        "wget",
-        "sha256sum",
-    ];
+    let applets = ["sh", "mkdir", "cat", "rm", "chmod", "mv", "date", "sleep", "timeout", "wget", "sha256sum"];
     for applet in applets {
         symlink(&busybox, bin.join(applet)).unwrap();
     }
@@ -271,12 +221,7 @@ fn fails_at_once_without_a_download_tool() {
     let output = bed.run(&[which("sh").unwrap().to_str().unwrap()], Some(&path));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{output:?}");
-    assert!(
-        stderr.contains(
-            "kiln-bootstrap: cannot download: none of curl, wget or python3 is installed"
-        ),
-        "{stderr}"
-    );
+    assert!(stderr.contains("kiln-bootstrap: cannot download: none of curl, wget or python3 is installed"), "{stderr}");
     assert_eq!(bed.hits.load(Ordering::SeqCst), 0);
 }
 
@@ -289,18 +234,9 @@ fn wrong_sha256_is_never_run_and_gives_up() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(20), "{stderr}");
-    assert!(
-        stderr.contains(&format!("sha256 mismatch: expected {wrong}, got ")),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("kiln-bootstrap: giving up after"),
-        "{stderr}"
-    );
-    assert!(
-        !bed.tmp.path().join("out").exists(),
-        "the unverified agent ran"
-    );
+    assert!(stderr.contains(&format!("sha256 mismatch: expected {wrong}, got ")), "{stderr}");
+    assert!(stderr.contains("kiln-bootstrap: giving up after"), "{stderr}");
+    assert!(!bed.tmp.path().join("out").exists(), "the unverified agent ran");
     assert!(!bed.agent_dir().join("kiln-agent").exists());
     assert!(!bed.agent_dir().join("kiln-agent.part").exists());
 }

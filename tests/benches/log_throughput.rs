@@ -20,17 +20,10 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 #[tokio::main]
 async fn main() {
-    let mb: u64 = std::env::var("KILN_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
+    let mb: u64 = std::env::var("KILN_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     let agent = kiln_tests::agent_binary();
     let size = std::fs::metadata(&agent).expect("agent binary").len();
-    println!(
-        "agent binary: {} ({:.1} MB)",
-        agent.display(),
-        size as f64 / 1e6
-    );
+    println!("agent binary: {} ({:.1} MB)", agent.display(), size as f64 / 1e6);
 
     let bed = Bed::start().await;
     bed.add_cloud("local").await;
@@ -60,19 +53,11 @@ async fn main() {
     let t = &done.targets[0];
     let bytes = t.log_bytes;
     assert_eq!(bytes, mb * 1024 * 1024);
-    let secs = t
-        .timings
-        .script_finished_at
-        .unwrap()
-        .duration_since(t.timings.script_started_at.unwrap())
-        .as_secs_f64();
+    let secs = t.timings.script_finished_at.unwrap().duration_since(t.timings.script_started_at.unwrap()).as_secs_f64();
     println!(
         "log streamed: {:.1} MB in {secs:.2} s = {:.1} MB/s (script start to last byte committed)",
         bytes as f64 / 1e6,
         bytes as f64 / 1e6 / secs
     );
-    println!(
-        "agent peak RSS while streaming: {:.1} MB",
-        peak as f64 / 1024.0
-    );
+    println!("agent peak RSS while streaming: {:.1} MB", peak as f64 / 1024.0);
 }

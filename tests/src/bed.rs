@@ -25,14 +25,20 @@ pub const BUILD_LIMIT: Duration = Duration::from_secs(180);
 pub struct Options {
     pub token_ttl: Duration,
     pub agent_contact: Duration,
+    /// Serve `qemu` clouds with the real QEMU provider instead of the process provider.
+    pub real_qemu: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            token_ttl: Duration::from_secs(900),
-            agent_contact: Duration::from_secs(60),
-        }
+        Self { token_ttl: Duration::from_secs(900), agent_contact: Duration::from_secs(60), real_qemu: false }
+    }
+}
+
+impl Options {
+    /// Real VMs under QEMU; TCG boots are slow, so the agent gets longer to call.
+    pub fn qemu() -> Self {
+        Self { real_qemu: true, agent_contact: Duration::from_secs(300), ..Self::default() }
     }
 }
 
@@ -58,19 +64,12 @@ impl Bed {
         let any = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(any, any, any).await.expect("bind");
         let config = config(&dir, &opts);
-        let server = Server::start(config, providers(&provider), listeners)
+        let server = Server::start(config.clone(), providers(&provider, &config, &opts), listeners)
             .await
             .expect("start coordinator");
         let addrs = server.addrs();
         let client = Client::new(&format!("http://{}", addrs.api)).unwrap();
-        Self {
-            dir,
-            provider,
-            client,
-            server: Some(server),
-            addrs,
-            opts,
-        }
+        Self { dir, provider, client, server: Some(server), addrs, opts }
     }
 
     pub fn app(&self) -> &App {
@@ -85,16 +84,10 @@ impl Bed {
     /// directory and ports.
     pub async fn restart(&mut self) {
         self.server.take().expect("running").stop().await;
-        let listeners = Listeners::bind(self.addrs.api, self.addrs.agent, self.addrs.bootstrap)
-            .await
-            .expect("rebind");
-        let server = Server::start(
-            config(&self.dir, &self.opts),
-            providers(&self.provider),
-            listeners,
-        )
-        .await
-        .expect("restart coordinator");
+        let listeners = Listeners::bind(self.addrs.api, self.addrs.agent, self.addrs.bootstrap).await.expect("rebind");
+        let config = config(&self.dir, &self.opts);
+        let providers = providers(&self.provider, &config, &self.opts);
+        let server = Server::start(config, providers, listeners).await.expect("restart coordinator");
         self.server = Some(server);
     }
 
@@ -107,11 +100,7 @@ impl Bed {
             endpoint: None,
             options: BTreeMap::new(),
         };
-        let _: Cloud = self
-            .client
-            .post("/v1/clouds", &cloud)
-            .await
-            .expect("add cloud");
+        let _: Cloud = self.client.post("/v1/clouds", &cloud).await.expect("add cloud");
     }
 
     /// A generator with `script` on each of `clouds` (base image "process").
@@ -138,22 +127,12 @@ impl Bed {
     }
 
     pub async fn create_generator(&self, spec: &GeneratorSpec) -> Revision {
-        self.client
-            .post("/v1/generators", spec)
-            .await
-            .expect("create generator")
+        self.client.post("/v1/generators", spec).await.expect("create generator")
     }
 
     pub async fn start_build(&self, generator: &str) -> Build {
-        let req = BuildRequest {
-            generator: generator.parse().unwrap(),
-            revision: None,
-            clouds: vec![],
-        };
-        self.client
-            .post("/v1/builds", &req)
-            .await
-            .expect("start build")
+        let req = BuildRequest { generator: generator.parse().unwrap(), revision: None, clouds: vec![] };
+        self.client.post("/v1/builds", &req).await.expect("start build")
     }
 
     /// Creates a generator on cloud `local` and builds it.
@@ -169,10 +148,7 @@ impl Bed {
         for t in &build.targets {
             self.follow(t.id).await;
         }
-        self.client
-            .get(&format!("/v1/builds/{}", build.id))
-            .await
-            .expect("get build")
+        self.client.get(&format!("/v1/builds/{}", build.id)).await.expect("get build")
     }
 
     /// The whole log as the live follow delivers it (waits for the target to end).
@@ -181,18 +157,11 @@ impl Bed {
     }
 
     /// Follows a target's log until `stop(log so far)` or the target's end.
-    pub async fn follow_until(
-        &self,
-        target: TargetId,
-        mut stop: impl FnMut(&[u8]) -> bool,
-    ) -> Vec<u8> {
+    pub async fn follow_until(&self, target: TargetId, mut stop: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
         let follow = async {
             let resp = self
                 .client
-                .send(self.client.request(
-                    reqwest::Method::GET,
-                    &format!("/v1/targets/{target}/log/follow"),
-                ))
+                .send(self.client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow")))
                 .await
                 .expect("follow");
             let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
@@ -202,16 +171,8 @@ impl Bed {
                 match event.event.as_str() {
                     "log" => {
                         let chunk: LogChunk = serde_json::from_str(&event.data).unwrap();
-                        assert_eq!(
-                            chunk.offset,
-                            log.len() as u64,
-                            "follow events are contiguous"
-                        );
-                        log.extend(
-                            base64::engine::general_purpose::STANDARD
-                                .decode(chunk.data)
-                                .unwrap(),
-                        );
+                        assert_eq!(chunk.offset, log.len() as u64, "follow events are contiguous");
+                        log.extend(base64::engine::general_purpose::STANDARD.decode(chunk.data).unwrap());
                         if stop(&log) {
                             return log;
                         }
@@ -226,9 +187,7 @@ impl Bed {
             }
             panic!("the follow stream ended without an end event");
         };
-        tokio::time::timeout(BUILD_LIMIT, follow)
-            .await
-            .expect("target did not end in time")
+        tokio::time::timeout(BUILD_LIMIT, follow).await.expect("target did not end in time")
     }
 
     /// The whole log through the byte-range endpoint.
@@ -237,10 +196,10 @@ impl Bed {
         loop {
             let resp = self
                 .client
-                .send(self.client.request(
-                    reqwest::Method::GET,
-                    &format!("/v1/targets/{target}/log?offset={}", out.len()),
-                ))
+                .send(
+                    self.client
+                        .request(reqwest::Method::GET, &format!("/v1/targets/{target}/log?offset={}", out.len())),
+                )
                 .await
                 .expect("read log");
             let bytes = resp.bytes().await.unwrap();
@@ -259,7 +218,8 @@ impl Bed {
 
 fn config(dir: &TempDir, opts: &Options) -> Config {
     let mut config = Config::new(dir.path().join("data"));
-    config.public_host = "127.0.0.1".into();
+    // QEMU guests see the host's loopback at 10.0.2.2; the process provider uses 127.0.0.1.
+    config.public_host = "10.0.2.2".into();
     config.agent_binary = crate::agent_binary();
     config.timeouts.poll_interval = Duration::from_millis(100);
     config.timeouts.token_ttl = opts.token_ttl;
@@ -268,8 +228,12 @@ fn config(dir: &TempDir, opts: &Options) -> Config {
     config
 }
 
-fn providers(provider: &Arc<ProcessProvider>) -> Providers {
-    Providers::new().with(CloudKind::Qemu, provider.clone())
+fn providers(provider: &Arc<ProcessProvider>, config: &Config, opts: &Options) -> Providers {
+    if opts.real_qemu {
+        kiln_coordinator::cli::builtin_providers(config)
+    } else {
+        Providers::new().with(CloudKind::Qemu, provider.clone())
+    }
 }
 
 impl Drop for Bed {

@@ -29,11 +29,32 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
+/// kiln's tiny base image (its `image.json`), built once per test run by the
+/// recipe in bootstrap/image and cached under target/kiln-cache by the hash of
+/// its inputs.
+pub fn tiny_image() -> PathBuf {
+    static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if let Ok(p) = std::env::var("KILN_TINY_IMAGE") {
+                return PathBuf::from(p);
+            }
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let out = std::process::Command::new("bash")
+                .arg(root.join("bootstrap/image/build-tiny-image.sh"))
+                .arg(root.join("target/kiln-cache"))
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("run the tiny image recipe");
+            assert!(out.status.success(), "the tiny image recipe failed (is scripts/install-deps done?)");
+            let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+            PathBuf::from(stdout.lines().last().expect("the recipe prints the manifest path").trim())
+        })
+        .clone()
+}
+
 /// Logs of the code under test, shown for failing tests (`KILN_LOG` filters).
 pub fn init_tracing() {
     let filter = std::env::var("KILN_LOG").unwrap_or_else(|_| "info,kiln_coordinator=debug".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }

@@ -14,8 +14,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use kiln_coordinator::providers::{
-    AgentEndpoints, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError,
-    ProviderErrorKind, Served,
+    AgentEndpoints, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    Served,
 };
 use kiln_protocol::agent::Instruction;
 use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
@@ -46,11 +46,7 @@ pub struct ProcessProvider {
 impl ProcessProvider {
     pub fn new(root: &Path) -> Self {
         std::fs::create_dir_all(root.join("images")).expect("create provider root");
-        Self {
-            root: root.to_owned(),
-            agent_url: Mutex::default(),
-            instances: Mutex::default(),
-        }
+        Self { root: root.to_owned(), agent_url: Mutex::default(), instances: Mutex::default() }
     }
 
     /// Sends agents to `url` instead of the agent listener itself.
@@ -65,28 +61,18 @@ impl ProcessProvider {
 
     /// The process id of an instance (after the user-data execs the agent, the agent's).
     pub fn pid(&self, instance: &str) -> Option<u32> {
-        self.instances
-            .lock()
-            .unwrap()
-            .get(instance)
-            .and_then(|i| i.child.id())
+        self.instances.lock().unwrap().get(instance).and_then(|i| i.child.id())
     }
 
     /// The user-data an instance was launched with.
     pub fn user_data(&self, instance: &str) -> Option<String> {
-        self.instances
-            .lock()
-            .unwrap()
-            .get(instance)
-            .map(|i| i.user_data.clone())
+        self.instances.lock().unwrap().get(instance).map(|i| i.user_data.clone())
     }
 
     /// Image files present in the image store.
     pub fn images(&self) -> Vec<PathBuf> {
-        let mut out: Vec<PathBuf> = std::fs::read_dir(self.root.join("images"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut out: Vec<PathBuf> =
+            std::fs::read_dir(self.root.join("images")).unwrap().map(|e| e.unwrap().path()).collect();
         out.sort();
         out
     }
@@ -137,8 +123,7 @@ impl Provider for ProcessProvider {
             return Ok(InstanceId(id));
         }
         let dir = self.instance_dir(&id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
         std::fs::write(dir.join("user-data"), &launch.user_data)
             .map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
         let console = std::fs::File::create(dir.join("console.log"))
@@ -160,25 +145,12 @@ impl Provider for ProcessProvider {
             .stderr(console)
             .process_group(0)
             .kill_on_drop(true);
-        let child = cmd
-            .spawn()
-            .map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
-        self.instances.lock().unwrap().insert(
-            id.clone(),
-            Instance {
-                child,
-                dir,
-                user_data: launch.user_data.clone(),
-            },
-        );
+        let child = cmd.spawn().map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
+        self.instances.lock().unwrap().insert(id.clone(), Instance { child, dir, user_data: launch.user_data.clone() });
         Ok(InstanceId(id))
     }
 
-    async fn state(
-        &self,
-        _cloud: &Cloud,
-        instance: &InstanceId,
-    ) -> Result<InstanceState, ProviderError> {
+    async fn state(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError> {
         let mut instances = self.instances.lock().unwrap();
         let Some(i) = instances.get_mut(&instance.0) else {
             return Ok(InstanceState::Gone);
@@ -189,20 +161,14 @@ impl Provider for ProcessProvider {
         })
     }
 
-    async fn console_tail(
-        &self,
-        _cloud: &Cloud,
-        instance: &InstanceId,
-    ) -> Result<String, ProviderError> {
+    async fn console_tail(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<String, ProviderError> {
         std::fs::read_to_string(self.instance_dir(&instance.0).join("console.log"))
             .map_err(|_| not_found(format!("instance {instance}")))
     }
 
     async fn stop(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {
         let instances = self.instances.lock().unwrap();
-        let i = instances
-            .get(&instance.0)
-            .ok_or_else(|| not_found(format!("instance {instance}")))?;
+        let i = instances.get(&instance.0).ok_or_else(|| not_found(format!("instance {instance}")))?;
         kill_group(&i.child);
         Ok(())
     }
@@ -214,34 +180,22 @@ impl Provider for ProcessProvider {
         name: &str,
         provenance: &Provenance,
     ) -> Result<ImageId, ProviderError> {
-        let dir = self
-            .instances
-            .lock()
-            .unwrap()
-            .get(&instance.0)
-            .map(|i| i.dir.clone());
+        let dir = self.instances.lock().unwrap().get(&instance.0).map(|i| i.dir.clone());
         let dir = dir.ok_or_else(|| not_found(format!("instance {instance}")))?;
         let mut listing = format!("image {name} of {instance}\nprovenance {provenance:?}\n");
         for entry in walk(&dir) {
-            listing.push_str(&format!(
-                "{}\n",
-                entry.strip_prefix(&dir).unwrap().display()
-            ));
+            listing.push_str(&format!("{}\n", entry.strip_prefix(&dir).unwrap().display()));
         }
         let path = self.root.join("images").join(format!("{name}.img"));
-        std::fs::write(&path, listing)
-            .map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
+        std::fs::write(&path, listing).map_err(|e| ProviderError::new(ProviderErrorKind::Failed, e.to_string()))?;
         Ok(ImageId(path.display().to_string()))
     }
 
-    async fn wait_image(
-        &self,
-        _cloud: &Cloud,
-        image: &ImageId,
-    ) -> Result<ImageInfo, ProviderError> {
+    async fn wait_image(&self, _cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError> {
         let bytes = std::fs::read(&image.0).map_err(|_| not_found(format!("image {image}")))?;
         Ok(ImageInfo {
             size_bytes: Some(bytes.len() as u64),
+            virtual_size_bytes: None,
             sha256: Some(hex::encode(Sha256::digest(&bytes))),
         })
     }

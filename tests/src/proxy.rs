@@ -46,12 +46,7 @@ impl ChaosProxy {
                 });
             }
         });
-        Self {
-            addr,
-            generation,
-            severed,
-            stop,
-        }
+        Self { addr, generation, severed, stop }
     }
 
     /// Closes every connection open now.

@@ -11,8 +11,7 @@ use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use kiln_protocol::TargetId;
 use kiln_protocol::agent::{
-    EnrollRequest, EnrollResponse, ExitReport, Instruction, InstructionWait, Job, LogAck,
-    LogOffset, paths,
+    EnrollRequest, EnrollResponse, ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, paths,
 };
 
 use super::ApiError;
@@ -60,10 +59,7 @@ async fn log(
     ApiQuery(LogOffset { offset }): ApiQuery<LogOffset>,
     body: Bytes,
 ) -> Result<Json<LogAck>, ApiError> {
-    Ok(Json(
-        app.append_log(peer.0.as_ref(), target, offset, body)
-            .await?,
-    ))
+    Ok(Json(app.append_log(peer.0.as_ref(), target, offset, body).await?))
 }
 
 async fn exit(
@@ -72,9 +68,7 @@ async fn exit(
     ApiPath(target): ApiPath<TargetId>,
     ApiJson(report): ApiJson<ExitReport>,
 ) -> Result<Json<LogAck>, ApiError> {
-    Ok(Json(
-        app.report_exit(peer.0.as_ref(), target, report).await?,
-    ))
+    Ok(Json(app.report_exit(peer.0.as_ref(), target, report).await?))
 }
 
 async fn instruction(

@@ -16,14 +16,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            body: ErrorBody {
-                code,
-                message: message.into(),
-                committed: None,
-            },
-        }
+        Self { status, body: ErrorBody { code, message: message.into(), committed: None } }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {

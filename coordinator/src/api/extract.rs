@@ -18,28 +18,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::bad_request(
-                "send the body as JSON with `Content-Type: application/json`",
-            )),
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                Err(ApiError::bad_request("send the body as JSON with `Content-Type: application/json`"))
+            }
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::bad_request(format!(
                 "the JSON does not fit: {}",
-                e.body_text().trim_start_matches(
-                    "Failed to deserialize the JSON body into the target type: "
-                )
+                e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: ")
             ))),
-            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::bad_request(format!(
-                "the body is not valid JSON: {}",
-                e.body_text()
-            ))),
-            Err(JsonRejection::BytesRejection(e))
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Err(ApiError::new(
-                    e.status(),
-                    ErrorCode::PayloadTooLarge,
-                    format!("the body is too large: {}", e.body_text()),
-                ))
+            Err(JsonRejection::JsonSyntaxError(e)) => {
+                Err(ApiError::bad_request(format!("the body is not valid JSON: {}", e.body_text())))
             }
+            Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                e.status(),
+                ErrorCode::PayloadTooLarge,
+                format!("the body is too large: {}", e.body_text()),
+            )),
             Err(other) => Err(ApiError::bad_request(other.body_text())),
         }
     }
@@ -55,9 +48,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Self(p.0))
-            .map_err(|e: PathRejection| {
-                ApiError::bad_request(format!("bad path: {}", e.body_text()))
-            })
+            .map_err(|e: PathRejection| ApiError::bad_request(format!("bad path: {}", e.body_text())))
     }
 }
 
@@ -71,8 +62,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Self(q.0))
-            .map_err(|e: QueryRejection| {
-                ApiError::bad_request(format!("bad query: {}", e.body_text()))
-            })
+            .map_err(|e: QueryRejection| ApiError::bad_request(format!("bad query: {}", e.body_text())))
     }
 }

@@ -23,12 +23,7 @@ use crate::app::PeerIdentity;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `router` over TLS on `listener` until `shutdown`.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    router: Router,
-    shutdown: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, shutdown: CancellationToken) {
     let acceptor = TlsAcceptor::from(tls);
     let connections = TaskTracker::new();
     loop {
@@ -80,8 +75,5 @@ fn identity(cert: &CertificateDer<'_>) -> Option<PeerIdentity> {
         GeneralName::URI(uri) => TargetId::from_san_uri(uri),
         _ => None,
     })?;
-    Some(PeerIdentity {
-        target,
-        serial: hex::encode(x509.raw_serial()),
-    })
+    Some(PeerIdentity { target, serial: hex::encode(x509.raw_serial()) })
 }

@@ -22,6 +22,9 @@ pub struct PeerIdentity {
     pub serial: String,
 }
 
+/// DHCP on every Ethernet interface, for NoCloud images.
+const NETWORK_CONFIG: &str = "version: 2\nethernets:\n  all:\n    match:\n      name: \"e*\"\n    dhcp4: true\n";
+
 /// How long past the script's timeout an agent certificate stays valid.
 const CERT_SLACK: Duration = Duration::from_secs(3600);
 
@@ -31,9 +34,7 @@ impl App {
         let refused = |why: &str| AppError::Unauthorized(format!("enrollment refused: {why}"));
         // The CSR is checked first so a garbled request does not burn the token.
         if rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).is_err() {
-            return Err(refused(
-                "the certificate request is malformed or its signature is wrong",
-            ));
+            return Err(refused("the certificate request is malformed or its signature is wrong"));
         }
         let hash = TokenHash::of(&req.token);
         let now = Timestamp::now();
@@ -41,9 +42,7 @@ impl App {
             Ok(t) => t,
             Err(TokenRefusal::Unknown) => {
                 self.0.store.flush().await?;
-                return Err(refused(
-                    "the token is unknown, already used, or not this target's",
-                ));
+                return Err(refused("the token is unknown, already used, or not this target's"));
             }
             Err(TokenRefusal::Expired) => {
                 self.0.store.flush().await?;
@@ -53,32 +52,17 @@ impl App {
         self.0.store.flush().await?;
         let not_after = now + self.script_timeout(&target) + CERT_SLACK;
         let issued = self.0.pki.issue(req.target, &req.csr_pem, not_after)?;
-        self.0.store.record_cert(
-            &issued.serial,
-            &CertRecord {
-                target: req.target,
-                not_after,
-            },
-        )?;
+        self.0.store.record_cert(&issued.serial, &CertRecord { target: req.target, not_after })?;
         self.0.store.flush().await?;
         tracing::info!(build = %target.build, target = %req.target, serial = %issued.serial, "agent enrolled");
         self.notify();
-        Ok(EnrollResponse {
-            certificate_pem: issued.pem,
-            not_after,
-        })
+        Ok(EnrollResponse { certificate_pem: issued.pem, not_after })
     }
 
     /// Checks that `peer` may act for `target`, and returns the target.
-    pub fn authorize(
-        &self,
-        peer: Option<&PeerIdentity>,
-        target: TargetId,
-    ) -> Result<TargetRecord, AppError> {
+    pub fn authorize(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<TargetRecord, AppError> {
         let peer = peer.ok_or_else(|| {
-            AppError::Unauthorized(
-                "this route needs the client certificate issued at enrollment".into(),
-            )
+            AppError::Unauthorized("this route needs the client certificate issued at enrollment".into())
         })?;
         if peer.target != target {
             return Err(AppError::Forbidden(format!(
@@ -89,29 +73,19 @@ impl App {
         let cert = self.0.store.cert(&peer.serial)?;
         let record = self.0.store.target(target)?;
         match (cert, record) {
-            (Some(c), Some(t))
-                if c.target == target && t.cert_serial.as_deref() == Some(peer.serial.as_str()) =>
-            {
+            (Some(c), Some(t)) if c.target == target && t.cert_serial.as_deref() == Some(peer.serial.as_str()) => {
                 if t.status.is_terminal() {
-                    Err(AppError::Forbidden(format!(
-                        "target {target} has ended; its certificate opens nothing"
-                    )))
+                    Err(AppError::Forbidden(format!("target {target} has ended; its certificate opens nothing")))
                 } else {
                     Ok(t)
                 }
             }
-            _ => Err(AppError::Forbidden(
-                "this certificate was not issued to this target".into(),
-            )),
+            _ => Err(AppError::Forbidden("this certificate was not issued to this target".into())),
         }
     }
 
     /// The job: the revision's script and environment.
-    pub async fn job(
-        &self,
-        peer: Option<&PeerIdentity>,
-        target: TargetId,
-    ) -> Result<Job, AppError> {
+    pub async fn job(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<Job, AppError> {
         let t = self.authorize(peer, target)?;
         let rev = self.revision(&t.generator, Some(t.revision))?;
         let timeout = self.script_timeout(&t);
@@ -125,12 +99,7 @@ impl App {
         let mut env = rev.spec.env.clone();
         env.insert("KILN_BUILD".into(), t.build.to_string());
         env.insert("KILN_CLOUD".into(), t.cloud.name.to_string());
-        Ok(Job {
-            target,
-            script: rev.spec.script,
-            env,
-            timeout_secs: timeout.as_secs(),
-        })
+        Ok(Job { target, script: rev.spec.script, env, timeout_secs: timeout.as_secs() })
     }
 
     /// Appends a chunk idempotently and answers with the durable offset.
@@ -164,22 +133,16 @@ impl App {
             return Err(AppError::LogMismatch { committed });
         }
         if committed > report.total_bytes {
-            let message = format!(
-                "the agent reported {} bytes of output but {committed} were committed",
-                report.total_bytes
-            );
-            self.0
-                .store
-                .update_target(target, |r| r.fail(FailureReason::Internal, message.clone()))?;
+            let message =
+                format!("the agent reported {} bytes of output but {committed} were committed", report.total_bytes);
+            self.0.store.update_target(target, |r| r.fail(FailureReason::Internal, message.clone()))?;
             self.0.store.flush().await?;
             self.notify();
             return Err(AppError::Conflict(message));
         }
         if let Some(outcome) = &t.outcome {
             if outcome != &report.outcome {
-                return Err(AppError::Conflict(format!(
-                    "the exit was already reported as {outcome}"
-                )));
+                return Err(AppError::Conflict(format!("the exit was already reported as {outcome}")));
             }
         } else {
             self.0.store.update_target(target, |r| {
@@ -219,11 +182,7 @@ impl App {
     }
 
     /// The agent has sealed the machine and is powering off.
-    pub async fn sealing(
-        &self,
-        peer: Option<&PeerIdentity>,
-        target: TargetId,
-    ) -> Result<(), AppError> {
+    pub async fn sealing(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<(), AppError> {
         self.authorize(peer, target)?;
         self.0.store.update_target(target, |r| {
             r.timings.sealed_at.get_or_insert(Timestamp::now());
@@ -231,6 +190,56 @@ impl App {
         self.0.store.flush().await?;
         self.notify();
         Ok(())
+    }
+
+    /// Renders a target's user-data; the token is derived, so this gives the
+    /// same bytes every time.
+    pub(crate) fn user_data(
+        &self,
+        t: &TargetRecord,
+        endpoints: &crate::providers::AgentEndpoints,
+        token: &str,
+    ) -> Result<String, AppError> {
+        let binary = self
+            .agent_binary()
+            .ok_or_else(|| AppError::Unavailable("the coordinator has no agent binary to serve".into()))?;
+        kiln_bootstrap::UserData {
+            agent_url: &endpoints.agent_url,
+            agent_binary_url: &endpoints.agent_binary_url(),
+            ca_pem: self.pki().ca_pem(),
+            agent_sha256: &binary.sha256,
+            target: t.id,
+            token,
+            fetch_timeout_secs: kiln_bootstrap::DEFAULT_FETCH_TIMEOUT_SECS,
+        }
+        .render()
+        .map_err(|e| AppError::Unavailable(format!("cannot render user-data: {e}")))
+    }
+
+    /// A file of a target's NoCloud seed, while the target is running.
+    pub fn seed_file(&self, target: TargetId, file: &str) -> Result<String, AppError> {
+        let t = self.target_record(target)?;
+        if t.status.is_terminal() {
+            return Err(AppError::NotFound(format!("target {target} has ended; its seed is gone")));
+        }
+        match file {
+            "user-data" => {
+                let provider =
+                    self.0.providers.get(t.cloud.kind).ok_or_else(|| {
+                        AppError::Unavailable(format!("no provider for kind {}", t.cloud.kind.as_str()))
+                    })?;
+                let endpoints = provider.endpoints(&t.cloud, &self.0.served);
+                self.user_data(&t, &endpoints, &self.0.pki.tokens().token(target))
+            }
+            "meta-data" => {
+                Ok(format!("instance-id: kiln-{target}\nlocal-hostname: kiln-{}\n", &target.to_string()[..8]))
+            }
+            "vendor-data" => Ok(String::new()),
+            "network-config" => Ok(NETWORK_CONFIG.to_owned()),
+            other => Err(AppError::NotFound(format!(
+                "a NoCloud seed has user-data, meta-data, vendor-data and network-config, not {other:?}"
+            ))),
+        }
     }
 
     pub(crate) fn script_timeout(&self, t: &TargetRecord) -> Duration {

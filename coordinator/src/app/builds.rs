@@ -4,9 +4,7 @@ use std::collections::BTreeSet;
 
 use futures::Stream;
 use kiln_protocol::agent::Instruction;
-use kiln_protocol::api::{
-    Build, BuildListQuery, BuildRequest, FailureReason, Status, Step, Target, Timings,
-};
+use kiln_protocol::api::{Build, BuildListQuery, BuildRequest, FailureReason, Status, Step, Target, Timings};
 use kiln_protocol::{BuildId, TargetId, Timestamp};
 
 use super::{App, AppError};
@@ -33,10 +31,7 @@ impl App {
             rev.spec.targets.keys().cloned().collect()
         } else {
             let mut seen = BTreeSet::new();
-            req.clouds
-                .into_iter()
-                .filter(|c| seen.insert(c.clone()))
-                .collect()
+            req.clouds.into_iter().filter(|c| seen.insert(c.clone())).collect()
         };
         if clouds.is_empty() {
             return Err(AppError::BadRequest(format!(
@@ -60,11 +55,7 @@ impl App {
                     "generator {} revision {} has no target for cloud {name}; it has: {}",
                     rev.generator,
                     rev.number,
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
+                    if known.is_empty() { "none".into() } else { known.join(", ") }
                 ))
             })?;
             let cloud = self.cloud(name)?;
@@ -74,10 +65,7 @@ impl App {
                     cloud.kind.as_str()
                 ))
             })?;
-            provider
-                .preflight(&cloud, spec)
-                .await
-                .map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
+            provider.preflight(&cloud, spec).await.map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
             targets.push(TargetRecord {
                 id: TargetId::generate(),
                 build: build_id,
@@ -96,10 +84,7 @@ impl App {
                 outcome: None,
                 reported_total: None,
                 instruction: Instruction::Wait,
-                timings: Timings {
-                    created_at: Some(now),
-                    ..Timings::default()
-                },
+                timings: Timings { created_at: Some(now), ..Timings::default() },
             });
         }
         let build = BuildRecord {
@@ -121,17 +106,17 @@ impl App {
     }
 
     pub async fn build(&self, id: BuildId) -> Result<Build, AppError> {
-        let record = self.0.store.build(id)?.ok_or_else(|| {
-            AppError::not_found(format!("build {id}"), "list builds with `kiln build list`")
-        })?;
+        let record = self
+            .0
+            .store
+            .build(id)?
+            .ok_or_else(|| AppError::not_found(format!("build {id}"), "list builds with `kiln build list`"))?;
         self.build_view(record).await
     }
 
     pub async fn builds(&self, query: BuildListQuery) -> Result<Vec<Build>, AppError> {
         let limit = query.limit.unwrap_or(50).clamp(1, 1000);
-        let records = self.0.store.builds(limit, |b| {
-            query.generator.as_ref().is_none_or(|g| &b.generator == g)
-        })?;
+        let records = self.0.store.builds(limit, |b| query.generator.as_ref().is_none_or(|g| &b.generator == g))?;
         let mut out = Vec::with_capacity(records.len());
         for r in records {
             out.push(self.build_view(r).await?);
@@ -144,14 +129,9 @@ impl App {
     pub async fn cancel_build(&self, id: BuildId) -> Result<Build, AppError> {
         let build = self.build(id).await?;
         if build.status.is_terminal() {
-            return Err(AppError::Conflict(format!(
-                "build {id} has already ended ({})",
-                build.status.as_str()
-            )));
+            return Err(AppError::Conflict(format!("build {id} has already ended ({})", build.status.as_str())));
         }
-        self.0
-            .store
-            .update_build(id, |b| b.cancel_requested = true)?;
+        self.0.store.update_build(id, |b| b.cancel_requested = true)?;
         for t in &build.targets {
             self.0.store.update_target(t.id, |r| {
                 if !r.status.is_terminal() {
@@ -169,27 +149,16 @@ impl App {
     }
 
     pub(crate) fn target_record(&self, id: TargetId) -> Result<TargetRecord, AppError> {
-        self.0.store.target(id)?.ok_or_else(|| {
-            AppError::not_found(
-                format!("target {id}"),
-                "see a build's targets with `kiln build show`",
-            )
-        })
+        self.0
+            .store
+            .target(id)?
+            .ok_or_else(|| AppError::not_found(format!("target {id}"), "see a build's targets with `kiln build show`"))
     }
 
     /// Reads at most `limit` bytes of a target's log from `offset`.
-    pub async fn read_log(
-        &self,
-        id: TargetId,
-        offset: u64,
-        limit: u64,
-    ) -> Result<Vec<u8>, AppError> {
+    pub async fn read_log(&self, id: TargetId, offset: u64, limit: u64) -> Result<Vec<u8>, AppError> {
         self.target_record(id)?;
-        Ok(self
-            .0
-            .logs
-            .read(id, offset, limit.min(MAX_LOG_READ))
-            .await?)
+        Ok(self.0.logs.read(id, offset, limit.min(MAX_LOG_READ)).await?)
     }
 
     /// Follows a target's log from `offset` until the target has ended and
@@ -202,37 +171,28 @@ impl App {
         self.target_record(id)?;
         let app = self.clone();
         let rx = self.0.changes.subscribe();
-        Ok(futures::stream::try_unfold(
-            (app, rx, offset, false),
-            move |(app, mut rx, offset, done)| async move {
-                if done {
-                    return Ok(None);
+        Ok(futures::stream::try_unfold((app, rx, offset, false), move |(app, mut rx, offset, done)| async move {
+            if done {
+                return Ok(None);
+            }
+            loop {
+                rx.mark_unchanged();
+                let len = app.0.logs.len(id).await?;
+                if len > offset {
+                    let bytes = app.0.logs.read(id, offset, FOLLOW_CHUNK).await?;
+                    let next = offset + bytes.len() as u64;
+                    return Ok(Some((FollowEvent::Chunk { offset, bytes }, (app, rx, next, false))));
                 }
-                loop {
-                    rx.mark_unchanged();
-                    let len = app.0.logs.len(id).await?;
-                    if len > offset {
-                        let bytes = app.0.logs.read(id, offset, FOLLOW_CHUNK).await?;
-                        let next = offset + bytes.len() as u64;
-                        return Ok(Some((
-                            FollowEvent::Chunk { offset, bytes },
-                            (app, rx, next, false),
-                        )));
-                    }
-                    let status = app.target_record(id)?.status;
-                    if status.is_terminal() {
-                        return Ok(Some((
-                            FollowEvent::End { total: len, status },
-                            (app, rx, offset, true),
-                        )));
-                    }
-                    tokio::select! {
-                        r = rx.changed() => if r.is_err() { return Ok(None) },
-                        () = app.0.shutdown.cancelled() => return Ok(None),
-                    }
+                let status = app.target_record(id)?.status;
+                if status.is_terminal() {
+                    return Ok(Some((FollowEvent::End { total: len, status }, (app, rx, offset, true))));
                 }
-            },
-        ))
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return Ok(None) },
+                    () = app.0.shutdown.cancelled() => return Ok(None),
+                }
+            }
+        }))
     }
 
     async fn build_view(&self, record: BuildRecord) -> Result<Build, AppError> {
@@ -242,11 +202,8 @@ impl App {
             targets.push(self.target_view(t).await?);
         }
         let status = build_status(targets.iter().map(|t| t.status));
-        let finished_at = if status.is_terminal() {
-            targets.iter().filter_map(|t| t.timings.finished_at).max()
-        } else {
-            None
-        };
+        let finished_at =
+            if status.is_terminal() { targets.iter().filter_map(|t| t.timings.finished_at).max() } else { None };
         Ok(Build {
             id: record.id,
             generator: record.generator,
@@ -289,11 +246,7 @@ impl App {
 pub fn build_status(targets: impl IntoIterator<Item = Status>) -> Status {
     let all: Vec<Status> = targets.into_iter().collect();
     if all.iter().any(|s| !s.is_terminal()) {
-        if all.iter().all(|s| *s == Status::Submitted) {
-            Status::Submitted
-        } else {
-            Status::Running
-        }
+        if all.iter().all(|s| *s == Status::Submitted) { Status::Submitted } else { Status::Running }
     } else if all.contains(&Status::Failed) {
         Status::Failed
     } else if all.contains(&Status::Cancelled) {

@@ -9,9 +9,7 @@ impl App {
     pub async fn add_cloud(&self, cloud: Cloud) -> Result<Cloud, AppError> {
         for (what, value) in [("region", &cloud.region), ("endpoint", &cloud.endpoint)] {
             if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-                return Err(AppError::BadRequest(format!(
-                    "{what} is empty: give a value or leave it out"
-                )));
+                return Err(AppError::BadRequest(format!("{what} is empty: give a value or leave it out")));
             }
         }
         self.0.store.insert_cloud(&cloud)?;
@@ -24,17 +22,15 @@ impl App {
     }
 
     pub fn cloud(&self, name: &CloudName) -> Result<Cloud, AppError> {
-        self.0.store.cloud(name)?.ok_or_else(|| {
-            AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`")
-        })
+        self.0
+            .store
+            .cloud(name)?
+            .ok_or_else(|| AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`"))
     }
 
     pub async fn remove_cloud(&self, name: &CloudName) -> Result<(), AppError> {
         if !self.0.store.remove_cloud(name)? {
-            return Err(AppError::not_found(
-                format!("cloud {name}"),
-                "list them with `kiln cloud list`",
-            ));
+            return Err(AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`"));
         }
         self.0.store.flush().await?;
         Ok(())
@@ -44,20 +40,13 @@ impl App {
     pub async fn create_generator(&self, spec: GeneratorSpec) -> Result<Revision, AppError> {
         self.check_spec(&spec)?;
         let sha = script_sha256(&spec.script);
-        let rev = self
-            .0
-            .store
-            .save_revision(spec, sha, Timestamp::now(), true)?;
+        let rev = self.0.store.save_revision(spec, sha, Timestamp::now(), true)?;
         self.0.store.flush().await?;
         Ok(rev)
     }
 
     /// Saves a new revision of an existing generator.
-    pub async fn update_generator(
-        &self,
-        name: &GeneratorName,
-        spec: GeneratorSpec,
-    ) -> Result<Revision, AppError> {
+    pub async fn update_generator(&self, name: &GeneratorName, spec: GeneratorSpec) -> Result<Revision, AppError> {
         if &spec.name != name {
             return Err(AppError::BadRequest(format!(
                 "the body names generator {} but the URL names {name}; generators cannot be renamed",
@@ -66,10 +55,7 @@ impl App {
         }
         self.check_spec(&spec)?;
         let sha = script_sha256(&spec.script);
-        let rev = self
-            .0
-            .store
-            .save_revision(spec, sha, Timestamp::now(), false)?;
+        let rev = self.0.store.save_revision(spec, sha, Timestamp::now(), false)?;
         self.0.store.flush().await?;
         Ok(rev)
     }
@@ -90,17 +76,11 @@ impl App {
     }
 
     /// A revision, the latest when `number` is `None`.
-    pub fn revision(
-        &self,
-        name: &GeneratorName,
-        number: Option<u32>,
-    ) -> Result<Revision, AppError> {
-        let head = self.0.store.generator(name)?.ok_or_else(|| {
-            AppError::not_found(
-                format!("generator {name}"),
-                "list them with `kiln generator list`",
-            )
-        })?;
+    pub fn revision(&self, name: &GeneratorName, number: Option<u32>) -> Result<Revision, AppError> {
+        let head =
+            self.0.store.generator(name)?.ok_or_else(|| {
+                AppError::not_found(format!("generator {name}"), "list them with `kiln generator list`")
+            })?;
         let number = number.unwrap_or(head.latest);
         self.0.store.revision(name, number)?.ok_or_else(|| {
             AppError::NotFound(format!(
@@ -118,9 +98,7 @@ impl App {
     fn check_spec(&self, spec: &GeneratorSpec) -> Result<(), AppError> {
         let limits = &self.0.config.limits;
         if spec.script.trim().is_empty() {
-            return Err(AppError::BadRequest(
-                "the script is empty: give the commands to run".into(),
-            ));
+            return Err(AppError::BadRequest("the script is empty: give the commands to run".into()));
         }
         if spec.script.len() > limits.max_script_bytes {
             return Err(AppError::BadRequest(format!(
@@ -131,16 +109,12 @@ impl App {
             )));
         }
         if spec.script.contains('\0') {
-            return Err(AppError::BadRequest(
-                "the script contains a NUL byte".into(),
-            ));
+            return Err(AppError::BadRequest("the script contains a NUL byte".into()));
         }
         if let Some(t) = spec.timeout_secs {
             let max = limits.max_script_timeout.as_secs();
             if t == 0 || t > max {
-                return Err(AppError::BadRequest(format!(
-                    "timeout_secs is {t}; give a value from 1 to {max}"
-                )));
+                return Err(AppError::BadRequest(format!("timeout_secs is {t}; give a value from 1 to {max}")));
             }
         }
         for key in spec.env.keys() {
@@ -154,9 +128,7 @@ impl App {
         }
         for (cloud, target) in &spec.targets {
             if target.base_image.trim().is_empty() {
-                return Err(AppError::BadRequest(format!(
-                    "the base image for cloud {cloud} is empty"
-                )));
+                return Err(AppError::BadRequest(format!("the base image for cloud {cloud} is empty")));
             }
         }
         Ok(())

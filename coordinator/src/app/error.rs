@@ -38,9 +38,9 @@ impl From<StoreError> for AppError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(what) => Self::NotFound(format!("{what} not found")),
-            StoreError::AlreadyExists(what) => Self::AlreadyExists(format!(
-                "{what} already exists; pick another name, or update it instead"
-            )),
+            StoreError::AlreadyExists(what) => {
+                Self::AlreadyExists(format!("{what} already exists; pick another name, or update it instead"))
+            }
             other => Self::Store(other),
         }
     }

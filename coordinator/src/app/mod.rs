@@ -4,11 +4,13 @@
 //! - [`catalog`]: clouds and generators with their revisions.
 //! - [`builds`]: starting, listing, showing and cancelling builds; logs.
 //! - [`agents`]: what an enrolled agent may do, authorized by its certificate.
+//! - [`images`]: what builds made.
 
 pub mod agents;
 pub mod builds;
 pub mod catalog;
 mod error;
+pub mod images;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -128,10 +130,7 @@ fn load_agent_binary(path: &Path) -> Option<AgentBinary> {
         Ok(bytes) => {
             let sha256 = hex::encode(Sha256::digest(&bytes));
             tracing::info!(path = %path.display(), %sha256, "serving agent binary");
-            Some(AgentBinary {
-                bytes: bytes.into(),
-                sha256,
-            })
+            Some(AgentBinary { bytes: bytes.into(), sha256 })
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "no agent binary: builds will be refused until one is given with --agent-binary");

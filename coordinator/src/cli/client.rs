@@ -26,10 +26,7 @@ impl Client {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .context("cannot build an HTTP client")?;
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            http,
-        })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
     }
 
     pub fn base(&self) -> &str {
@@ -59,35 +56,15 @@ impl Client {
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        Ok(self
-            .send(self.request(Method::GET, path))
-            .await?
-            .json()
-            .await?)
+        Ok(self.send(self.request(Method::GET, path)).await?.json().await?)
     }
 
-    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> anyhow::Result<T> {
-        Ok(self
-            .send(self.request(Method::POST, path).json(body))
-            .await?
-            .json()
-            .await?)
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        Ok(self.send(self.request(Method::POST, path).json(body)).await?.json().await?)
     }
 
-    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> anyhow::Result<T> {
-        Ok(self
-            .send(self.request(Method::PUT, path).json(body))
-            .await?
-            .json()
-            .await?)
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        Ok(self.send(self.request(Method::PUT, path).json(body)).await?.json().await?)
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {

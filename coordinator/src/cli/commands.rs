@@ -7,14 +7,14 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use futures::StreamExt;
 use kiln_protocol::api::{
-    Build, BuildRequest, Cloud, CloudKind, GeneratorSummary, LogChunk, LogEnd, Revision, Target,
-    Timings,
+    Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, GeneratorSummary, Image, LogChunk, LogEnd, Revision, Status,
+    Target, TargetSpec, Timings,
 };
 use kiln_protocol::{BuildId, TargetId, Timestamp};
 
 use super::client::ApiFailure;
 use super::output::{Table, pairs, print};
-use super::{BuildCommand, Client, CloudCommand, Command, GeneratorCommand, GeneratorFile, Output};
+use super::{BuildCommand, Client, CloudCommand, Command, GeneratorCommand, GeneratorFile, ImageCommand, Output};
 
 pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::Result<i32> {
     match command {
@@ -22,36 +22,21 @@ pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::R
         Command::Cloud(c) => cloud(client, output, c).await.map(|()| 0),
         Command::Generator(g) => generator(client, output, g).await.map(|()| 0),
         Command::Build(b) => build(client, output, b).await,
+        Command::Image(i) => image(client, output, i).await.map(|()| 0),
     }
 }
 
 async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow::Result<()> {
     match command {
-        CloudCommand::Add {
-            name,
-            kind,
-            region,
-            endpoint,
-            options,
-        } => {
+        CloudCommand::Add { name, kind, region, endpoint, options } => {
             let kind: CloudKind = serde_json::from_value(serde_json::Value::String(kind.clone()))
-                .map_err(|_| {
-                anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu")
-            })?;
+                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu"))?;
             let mut opts = BTreeMap::new();
             for o in options {
-                let (k, v) = o
-                    .split_once('=')
-                    .with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
+                let (k, v) = o.split_once('=').with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
                 opts.insert(k.to_owned(), v.to_owned());
             }
-            let cloud = Cloud {
-                name: name.parse()?,
-                kind,
-                region,
-                endpoint,
-                options: opts,
-            };
+            let cloud = Cloud { name: name.parse()?, kind, region, endpoint, options: opts };
             let c: Cloud = client.post("/v1/clouds", &cloud).await?;
             print(output, &c, cloud_table);
         }
@@ -60,12 +45,7 @@ async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow
             print(output, &clouds, |cs| {
                 let mut t = Table::new(&["name", "kind", "region", "endpoint"]);
                 for c in cs {
-                    t.row(vec![
-                        c.name.to_string(),
-                        c.kind.as_str().into(),
-                        opt(&c.region),
-                        opt(&c.endpoint),
-                    ]);
+                    t.row(vec![c.name.to_string(), c.kind.as_str().into(), opt(&c.region), opt(&c.endpoint)]);
                 }
                 t
             });
@@ -83,10 +63,7 @@ async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow
 }
 
 fn cloud_table(c: &Cloud) -> Table {
-    let mut p = vec![
-        ("name", c.name.to_string()),
-        ("kind", c.kind.as_str().to_string()),
-    ];
+    let mut p = vec![("name", c.name.to_string()), ("kind", c.kind.as_str().to_string())];
     p.push(("region", opt(&c.region)));
     p.push(("endpoint", opt(&c.endpoint)));
     for (k, v) in &c.options {
@@ -99,11 +76,7 @@ fn opt(v: &Option<String>) -> String {
     v.clone().unwrap_or_else(|| "-".into())
 }
 
-async fn generator(
-    client: &Client,
-    output: Output,
-    command: GeneratorCommand,
-) -> anyhow::Result<()> {
+async fn generator(client: &Client, output: Output, command: GeneratorCommand) -> anyhow::Result<()> {
     match command {
         GeneratorCommand::Create(src) => {
             let spec = GeneratorFile::load(&src.file)?;
@@ -112,9 +85,7 @@ async fn generator(
         }
         GeneratorCommand::Update(src) => {
             let spec = GeneratorFile::load(&src.file)?;
-            let rev: Revision = client
-                .put(&format!("/v1/generators/{}", spec.name), &spec)
-                .await?;
+            let rev: Revision = client.put(&format!("/v1/generators/{}", spec.name), &spec).await?;
             print(output, &rev, revision_table);
         }
         GeneratorCommand::Show { name, revision } => {
@@ -150,17 +121,11 @@ async fn generator(
             });
         }
         GeneratorCommand::Revisions { name } => {
-            let revs: Vec<Revision> = client
-                .get(&format!("/v1/generators/{name}/revisions"))
-                .await?;
+            let revs: Vec<Revision> = client.get(&format!("/v1/generators/{name}/revisions")).await?;
             print(output, &revs, |rs| {
                 let mut t = Table::new(&["revision", "created", "script sha256"]);
                 for r in rs {
-                    t.row(vec![
-                        r.number.to_string(),
-                        r.created_at.to_string(),
-                        r.script_sha256.clone(),
-                    ]);
+                    t.row(vec![r.number.to_string(), r.created_at.to_string(), r.script_sha256.clone()]);
                 }
                 t
             });
@@ -184,30 +149,8 @@ fn revision_table(r: &Revision) -> Table {
 
 async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow::Result<i32> {
     match command {
-        BuildCommand::Start {
-            generator,
-            revision,
-            clouds,
-            wait,
-        } => {
-            let req = BuildRequest {
-                generator: generator.parse()?,
-                revision,
-                clouds: clouds.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
-            };
-            let b: Build = client.post("/v1/builds", &req).await?;
-            if !wait {
-                print(output, &b, build_table);
-                return Ok(0);
-            }
-            eprintln!("build {} of {} revision {}", b.id, b.generator, b.revision);
-            let done = super::wait::until_done(client, b.id).await?;
-            print(output, &done, build_table);
-            Ok(if done.status == kiln_protocol::api::Status::Successful {
-                0
-            } else {
-                1
-            })
+        BuildCommand::Start { generator, file, base_images, oneshot: _, revision, clouds, wait } => {
+            start_build(client, output, StartArgs { generator, file, base_images, revision, clouds, wait }).await
         }
         BuildCommand::List { generator, limit } => {
             let mut path = format!("/v1/builds?limit={limit}");
@@ -216,14 +159,10 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
             }
             let builds: Vec<Build> = client.get(&path).await?;
             print(output, &builds, |bs| {
-                let mut t =
-                    Table::new(&["id", "generator", "revision", "status", "created", "clouds"]);
+                let mut t = Table::new(&["id", "generator", "revision", "status", "created", "clouds"]);
                 for b in bs {
-                    let clouds: Vec<String> = b
-                        .targets
-                        .iter()
-                        .map(|t| format!("{}:{}", t.cloud, t.status.as_str()))
-                        .collect();
+                    let clouds: Vec<String> =
+                        b.targets.iter().map(|t| format!("{}:{}", t.cloud, t.status.as_str())).collect();
                     t.row(vec![
                         b.id.to_string(),
                         b.generator.to_string(),
@@ -244,11 +183,7 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
         }
         BuildCommand::Logs { id, cloud, follow } => {
             let target = resolve_target(client, &id, cloud.as_deref()).await?;
-            if follow {
-                follow_log(client, target).await
-            } else {
-                print_log(client, target).await
-            }
+            if follow { follow_log(client, target).await } else { print_log(client, target).await }
         }
         BuildCommand::Cancel { id } => {
             let b: Build = client.post(&format!("/v1/builds/{id}/cancel"), &()).await?;
@@ -259,32 +194,20 @@ async fn build(client: &Client, output: Output, command: BuildCommand) -> anyhow
 }
 
 /// A target id, from a target id or from a build id plus a cloud.
-async fn resolve_target(
-    client: &Client,
-    id: &str,
-    cloud: Option<&str>,
-) -> anyhow::Result<TargetId> {
-    let parsed: BuildId = id
-        .parse()
-        .with_context(|| format!("{id:?} is not a build or target id"))?;
+async fn resolve_target(client: &Client, id: &str, cloud: Option<&str>) -> anyhow::Result<TargetId> {
+    let parsed: BuildId = id.parse().with_context(|| format!("{id:?} is not a build or target id"))?;
     let build: Result<Build, _> = client.get(&format!("/v1/builds/{parsed}")).await;
     match build {
         Ok(b) => {
-            let matching: Vec<&Target> = b
-                .targets
-                .iter()
-                .filter(|t| cloud.is_none_or(|c| t.cloud.as_str() == c))
-                .collect();
+            let matching: Vec<&Target> =
+                b.targets.iter().filter(|t| cloud.is_none_or(|c| t.cloud.as_str() == c)).collect();
             match matching.as_slice() {
                 [one] => Ok(one.id),
                 [] => bail!("build {id} has no target on cloud {}", cloud.unwrap_or("-")),
                 _ => bail!("build {id} has several targets: name one with --cloud"),
             }
         }
-        Err(e)
-            if e.downcast_ref::<ApiFailure>()
-                .is_some_and(|f| f.status == reqwest::StatusCode::NOT_FOUND) =>
-        {
+        Err(e) if e.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == reqwest::StatusCode::NOT_FOUND) => {
             Ok(TargetId(parsed.0))
         }
         Err(e) => Err(e),
@@ -296,10 +219,7 @@ async fn print_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
     let mut stdout = std::io::stdout().lock();
     loop {
         let resp = client
-            .send(client.request(
-                reqwest::Method::GET,
-                &format!("/v1/targets/{target}/log?offset={offset}"),
-            ))
+            .send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log?offset={offset}")))
             .await?;
         let bytes = resp.bytes().await?;
         if bytes.is_empty() {
@@ -311,12 +231,7 @@ async fn print_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
 }
 
 async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
-    let resp = client
-        .send(client.request(
-            reqwest::Method::GET,
-            &format!("/v1/targets/{target}/log/follow"),
-        ))
-        .await?;
+    let resp = client.send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow"))).await?;
     let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
     let mut stdout = std::io::stdout();
     while let Some(event) = events.next().await {
@@ -330,16 +245,8 @@ async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
             }
             "end" => {
                 let end: LogEnd = serde_json::from_str(&event.data)?;
-                eprintln!(
-                    "-- target {}, {} bytes of log",
-                    end.status.as_str(),
-                    end.total
-                );
-                return Ok(if end.status == kiln_protocol::api::Status::Successful {
-                    0
-                } else {
-                    1
-                });
+                eprintln!("-- target {}, {} bytes of log", end.status.as_str(), end.total);
+                return Ok(if end.status == kiln_protocol::api::Status::Successful { 0 } else { 1 });
             }
             "error" => bail!("the coordinator stopped the log stream: {}", event.data),
             _ => {}
@@ -351,10 +258,7 @@ async fn follow_log(client: &Client, target: TargetId) -> anyhow::Result<i32> {
 fn build_table(b: &Build) -> Table {
     let mut t = pairs(&[
         ("build", b.id.to_string()),
-        (
-            "generator",
-            format!("{} revision {}", b.generator, b.revision),
-        ),
+        ("generator", format!("{} revision {}", b.generator, b.revision)),
         ("script sha256", b.script_sha256.clone()),
         ("status", b.status.as_str().into()),
         ("created", b.created_at.to_string()),
@@ -374,10 +278,8 @@ fn build_table(b: &Build) -> Table {
             t.row(vec!["  script:".into(), o.to_string()]);
         }
         if let Some(img) = &target.image {
-            t.row(vec![
-                "  image:".into(),
-                format!("{} ({})", img.id, img.name),
-            ]);
+            t.row(vec!["  image:".into(), img.name.clone()]);
+            t.row(vec!["  image id:".into(), img.id.clone()]);
             if let Some(sha) = &img.sha256 {
                 t.row(vec!["  image sha256:".into(), sha.clone()]);
             }
@@ -389,10 +291,7 @@ fn build_table(b: &Build) -> Table {
         }
         t.row(vec!["  log:".into(), format!("{} bytes", target.log_bytes)]);
         if let Some(e) = &target.error {
-            t.row(vec![
-                "  error:".into(),
-                format!("{:?} at {}", e.reason, e.step.as_str()),
-            ]);
+            t.row(vec!["  error:".into(), format!("{:?} at {}", e.reason, e.step.as_str())]);
             for line in e.message.lines() {
                 t.row(vec![String::new(), line.to_owned()]);
             }
@@ -417,4 +316,145 @@ pub fn phases(t: &Timings) -> Vec<(&'static str, f64)> {
     .into_iter()
     .filter_map(|(n, d)| d.map(|d| (n, d)))
     .collect()
+}
+
+/// What `kiln build start` was asked, in either mode.
+#[derive(Debug)]
+pub struct StartArgs {
+    pub generator: Option<String>,
+    pub file: Option<std::path::PathBuf>,
+    pub base_images: Vec<String>,
+    pub revision: Option<u32>,
+    pub clouds: Vec<String>,
+    pub wait: bool,
+}
+
+/// Saves the generator file (or base-image overrides) as a new revision when
+/// it differs from the latest, starts the build, and optionally waits.
+pub async fn start_build(client: &Client, output: Output, args: StartArgs) -> anyhow::Result<i32> {
+    let mut revision = args.revision;
+    let name = match (&args.file, &args.generator) {
+        (Some(file), given) => {
+            let spec = GeneratorFile::load(file)?;
+            if let Some(g) = given.as_deref().filter(|g| *g != spec.name.as_str()) {
+                bail!("{} defines generator {}, not {g}", file.display(), spec.name);
+            }
+            let name = spec.name.to_string();
+            let spec = with_base_images(spec, &args.base_images)?;
+            revision = Some(save_if_changed(client, spec).await?);
+            name
+        }
+        (None, Some(name)) => {
+            if !args.base_images.is_empty() {
+                let latest: Revision = client.get(&format!("/v1/generators/{name}")).await?;
+                let spec = with_base_images(latest.spec, &args.base_images)?;
+                revision = Some(save_if_changed(client, spec).await?);
+            }
+            name.clone()
+        }
+        (None, None) => bail!("name a generator or give --file"),
+    };
+    let req = BuildRequest {
+        generator: name.parse()?,
+        revision,
+        clouds: args.clouds.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
+    };
+    let b: Build = client.post("/v1/builds", &req).await?;
+    if !args.wait {
+        print(output, &b, build_table);
+        return Ok(0);
+    }
+    eprintln!("build {} of {} revision {}", b.id, b.generator, b.revision);
+    let done = super::wait::until_done(client, b.id).await?;
+    print(output, &done, build_table);
+    Ok(if done.status == Status::Successful { 0 } else { 1 })
+}
+
+fn with_base_images(mut spec: GeneratorSpec, overrides: &[String]) -> anyhow::Result<GeneratorSpec> {
+    for o in overrides {
+        let (cloud, image) = o.split_once('=').with_context(|| format!("--base-image {o:?} is not CLOUD=IMAGE"))?;
+        let target = spec.targets.entry(cloud.parse()?).or_insert_with(|| TargetSpec {
+            base_image: String::new(),
+            instance_type: None,
+            network: None,
+            options: BTreeMap::new(),
+        });
+        target.base_image = image.to_owned();
+    }
+    Ok(spec)
+}
+
+/// The revision to build: the latest when it equals `spec`, else a new one.
+async fn save_if_changed(client: &Client, spec: GeneratorSpec) -> anyhow::Result<u32> {
+    let latest: anyhow::Result<Revision> = client.get(&format!("/v1/generators/{}", spec.name)).await;
+    let saved: Revision = match latest {
+        Ok(r) if r.spec == spec => return Ok(r.number),
+        Ok(_) => client.put(&format!("/v1/generators/{}", spec.name), &spec).await?,
+        Err(e) if is_not_found(&e) => client.post("/v1/generators", &spec).await?,
+        Err(e) => return Err(e),
+    };
+    eprintln!("saved generator {} revision {}", saved.generator, saved.number);
+    Ok(saved.number)
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == reqwest::StatusCode::NOT_FOUND)
+}
+
+async fn image(client: &Client, output: Output, command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::List => {
+            let images: Vec<Image> = client.get("/v1/images").await?;
+            print(output, &images, |is| {
+                let mut t = Table::new(&["name", "cloud", "created", "size", "generator", "id"]);
+                for i in is {
+                    t.row(vec![
+                        i.name.clone(),
+                        i.cloud.to_string(),
+                        i.created_at.to_string(),
+                        i.size_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+                        format!("{} r{}", i.provenance.generator, i.provenance.revision),
+                        i.id.clone(),
+                    ]);
+                }
+                t
+            });
+        }
+        ImageCommand::Show { name } => {
+            let i: Image = client.get(&format!("/v1/images/{name}")).await?;
+            print(output, &i, image_table);
+        }
+        ImageCommand::Rm { name } => {
+            client.delete(&format!("/v1/images/{name}")).await?;
+            eprintln!("image {name} deleted");
+        }
+    }
+    Ok(())
+}
+
+fn image_table(i: &Image) -> Table {
+    let size = |n: Option<u64>| n.map(human_bytes).unwrap_or_else(|| "-".into());
+    pairs(&[
+        ("name", i.name.clone()),
+        ("id", i.id.clone()),
+        ("cloud", i.cloud.to_string()),
+        ("created", i.created_at.to_string()),
+        ("size", size(i.size_bytes)),
+        ("disk size", size(i.virtual_size_bytes)),
+        ("sha256", i.sha256.clone().unwrap_or_else(|| "-".into())),
+        ("generator", format!("{} revision {}", i.provenance.generator, i.provenance.revision)),
+        ("script sha256", i.provenance.script_sha256.clone()),
+        ("base image", i.provenance.base_image.clone()),
+        ("build", i.provenance.build.to_string()),
+        ("target", i.provenance.target.to_string()),
+    ])
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    UNITS
+        .iter()
+        .find(|(_, size)| n >= *size)
+        .map(|(unit, size)| format!("{:.1} {unit}", n as f64 / *size as f64))
+        .unwrap_or_else(|| format!("{n} B"))
 }

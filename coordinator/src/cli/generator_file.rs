@@ -38,18 +38,12 @@ pub struct GeneratorFile {
 impl GeneratorFile {
     /// Reads the TOML file and the script it names into a spec.
     pub fn load(path: &Path) -> anyhow::Result<GeneratorSpec> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let file: GeneratorFile = toml::from_str(&text)
-            .with_context(|| format!("{} is not a valid generator file", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file: GeneratorFile =
+            toml::from_str(&text).with_context(|| format!("{} is not a valid generator file", path.display()))?;
         let script_path = path.parent().unwrap_or(Path::new(".")).join(&file.script);
-        let script = std::fs::read_to_string(&script_path).with_context(|| {
-            format!(
-                "cannot read the script {} named in {}",
-                script_path.display(),
-                path.display()
-            )
-        })?;
+        let script = std::fs::read_to_string(&script_path)
+            .with_context(|| format!("cannot read the script {} named in {}", script_path.display(), path.display()))?;
         Ok(GeneratorSpec {
             name: file.name,
             description: file.description,
@@ -77,19 +71,9 @@ mod tests {
         .unwrap();
         let spec = GeneratorFile::load(&dir.path().join("g.toml")).unwrap();
         assert_eq!(spec.script, "echo hi\n");
-        assert_eq!(
-            spec.targets[&"local".parse::<CloudName>().unwrap()].base_image,
-            "base.qcow2"
-        );
-        std::fs::write(
-            dir.path().join("bad.toml"),
-            "name = \"Bad Name\"\nscript = \"s.sh\"\n",
-        )
-        .unwrap();
-        let err = format!(
-            "{:#}",
-            GeneratorFile::load(&dir.path().join("bad.toml")).unwrap_err()
-        );
+        assert_eq!(spec.targets[&"local".parse::<CloudName>().unwrap()].base_image, "base.qcow2");
+        std::fs::write(dir.path().join("bad.toml"), "name = \"Bad Name\"\nscript = \"s.sh\"\n").unwrap();
+        let err = format!("{:#}", GeneratorFile::load(&dir.path().join("bad.toml")).unwrap_err());
         assert!(err.contains("invalid name"), "{err}");
     }
 }

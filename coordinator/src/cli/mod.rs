@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod generator_file;
+mod oneshot;
 mod output;
 mod serve;
 mod wait;
@@ -14,19 +15,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use client::Client;
 pub use generator_file::GeneratorFile;
+pub use serve::builtin_providers;
 
 /// Build consistent VM images on many clouds at once, without SSH.
 #[derive(Debug, Parser)]
 #[command(name = "kiln", version, about)]
 pub struct Cli {
     /// The coordinator's API.
-    #[arg(
-        long,
-        global = true,
-        env = "KILN_SERVER",
-        default_value = "http://127.0.0.1:7700"
-    )]
-    pub server: String,
+    #[arg(long, global = true, env = "KILN_SERVER")]
+    pub server: Option<String>,
     /// How to print results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -53,6 +50,19 @@ pub enum Command {
     /// Start and watch builds.
     #[command(subcommand)]
     Build(BuildCommand),
+    /// The images builds made.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images with their provenance.
+    List,
+    /// Show an image.
+    Show { name: String },
+    /// Delete an image from its cloud.
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,8 +117,22 @@ pub struct GeneratorSource {
 #[derive(Debug, Subcommand)]
 pub enum BuildCommand {
     /// Build a generator's revision on some or all of its clouds.
+    ///
+    /// Without --server this is one-shot, like `packer build`: a coordinator
+    /// runs in this process on --data-dir, creates the `local` QEMU cloud if
+    /// needed, saves --file as a new revision when it changed, builds, and stops.
     Start {
-        generator: String,
+        /// The generator's name (or give --file).
+        #[arg(required_unless_present = "file")]
+        generator: Option<String>,
+        /// A generator TOML file: saved as a new revision first when it changed.
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        /// Override a target's base image, CLOUD=IMAGE (repeatable).
+        #[arg(long = "base-image", value_name = "CLOUD=IMAGE")]
+        base_images: Vec<String>,
+        #[command(flatten)]
+        oneshot: oneshot::OneShotArgs,
         /// The revision (default: the latest).
         #[arg(long)]
         revision: Option<u32>,
@@ -141,12 +165,22 @@ pub enum BuildCommand {
     Cancel { id: String },
 }
 
+/// Where client commands look for the coordinator when --server is not given.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
+
 /// Runs a parsed command line; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
-        Command::Serve(args) => serve::run(args).await.map(|()| 0),
-        command => {
-            let client = Client::new(&cli.server)?;
+    match (cli.command, cli.server) {
+        (Command::Serve(args), _) => serve::run(args).await.map(|()| 0),
+        (
+            Command::Build(BuildCommand::Start { generator, file, base_images, oneshot, revision, clouds, wait: _ }),
+            None,
+        ) => {
+            let start = commands::StartArgs { generator, file, base_images, revision, clouds, wait: true };
+            oneshot::run(oneshot, cli.output, start).await
+        }
+        (command, server) => {
+            let client = Client::new(server.as_deref().unwrap_or(DEFAULT_SERVER))?;
             commands::run(&client, cli.output, command).await
         }
     }

@@ -7,10 +7,7 @@ use super::Output;
 /// Prints `value` as JSON, or the table made by `table`.
 pub fn print<T: Serialize>(output: Output, value: &T, table: impl FnOnce(&T) -> Table) {
     match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("views serialize")
-        ),
+        Output::Json => println!("{}", serde_json::to_string_pretty(value).expect("views serialize")),
         Output::Table => print!("{}", table(value).render()),
     }
 }
@@ -23,9 +20,7 @@ pub struct Table {
 
 impl Table {
     pub fn new(header: &[&str]) -> Self {
-        Self {
-            rows: vec![header.iter().map(|h| h.to_uppercase()).collect()],
-        }
+        Self { rows: vec![header.iter().map(|h| h.to_uppercase()).collect()] }
     }
 
     pub fn row(&mut self, cells: Vec<String>) {
@@ -35,22 +30,12 @@ impl Table {
     pub fn render(&self) -> String {
         let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..cols)
-            .map(|c| {
-                self.rows
-                    .iter()
-                    .filter_map(|r| r.get(c))
-                    .map(|s| s.chars().count())
-                    .max()
-                    .unwrap_or(0)
-            })
+            .map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
             .collect();
         let mut out = String::new();
         for row in &self.rows {
-            let line: Vec<String> = row
-                .iter()
-                .enumerate()
-                .map(|(i, cell)| format!("{cell:<w$}", w = widths[i]))
-                .collect();
+            let line: Vec<String> =
+                row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }

@@ -7,8 +7,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use std::sync::Arc;
+
+use kiln_protocol::api::CloudKind;
+
 use crate::config::Config;
 use crate::providers::Providers;
+use crate::providers::qemu::QemuProvider;
 use crate::server::{Listeners, Server};
 
 #[derive(Debug, Args)]
@@ -54,18 +59,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)
         .await
         .context("cannot bind the listeners; is another kiln running? pick other ports with --listen, --agent-listen, --bootstrap-listen")?;
-    let server = Server::start(config, builtin_providers(), listeners)
-        .await
-        .context("cannot start the coordinator")?;
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot wait for Ctrl-C")?;
+    let providers = builtin_providers(&config);
+    let server = Server::start(config, providers, listeners).await.context("cannot start the coordinator")?;
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
     tracing::info!("stopping; unfinished targets resume at the next start");
     server.stop().await;
     Ok(())
 }
 
 /// The providers compiled into kiln.
-pub fn builtin_providers() -> Providers {
-    Providers::new()
+pub fn builtin_providers(config: &Config) -> Providers {
+    Providers::new().with(CloudKind::Qemu, Arc::new(QemuProvider::new(&config.data_dir)))
 }

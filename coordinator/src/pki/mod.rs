@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use kiln_protocol::{TargetId, Timestamp};
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -94,12 +94,7 @@ impl Pki {
         let tokens = TokenKey::load_or_create(&dir.join(TOKEN_KEY))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
         let agent_tls = agent_tls_config(&ca_pem, &issuer, server_names)?;
-        Ok(Self {
-            ca_pem,
-            issuer,
-            tokens,
-            agent_tls,
-        })
+        Ok(Self { ca_pem, issuer, tokens, agent_tls })
     }
 
     /// The CA certificate agents pin.
@@ -121,12 +116,7 @@ impl Pki {
     ///
     /// Only the CSR's public key is used; its subject and extensions (which
     /// could ask for CA rights) are ignored.
-    pub fn issue(
-        &self,
-        target: TargetId,
-        csr_pem: &str,
-        not_after: Timestamp,
-    ) -> Result<IssuedCert, PkiError> {
+    pub fn issue(&self, target: TargetId, csr_pem: &str, not_after: Timestamp) -> Result<IssuedCert, PkiError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadCsr)?;
         let serial: [u8; 16] = rand::random();
         let mut serial = serial.to_vec();
@@ -142,10 +132,7 @@ impl Pki {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
-        Ok(IssuedCert {
-            pem: cert.pem(),
-            serial: hex::encode(&serial),
-        })
+        Ok(IssuedCert { pem: cert.pem(), serial: hex::encode(&serial) })
     }
 }
 
@@ -191,8 +178,7 @@ fn agent_tls_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
-    let key_der = PrivateKeyDer::try_from(key.serialize_der())
-        .map_err(|e| rustls::Error::General(e.to_owned()))?;
+    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| rustls::Error::General(e.to_owned()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -208,15 +194,11 @@ fn dn(common_name: &str) -> DistinguishedName {
 }
 
 fn to_time(t: Timestamp) -> time::OffsetDateTime {
-    time::OffsetDateTime::from_unix_timestamp(t.as_second())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    time::OffsetDateTime::from_unix_timestamp(t.as_second()).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 fn io(path: &Path, source: std::io::Error) -> PkiError {
-    PkiError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    PkiError::Io { path: path.to_owned(), source }
 }
 
 /// Reads a secret file, refusing one that others can read.
@@ -224,10 +206,7 @@ fn read_secret(path: &Path) -> Result<String, PkiError> {
     let meta = fs::metadata(path).map_err(|s| io(path, s))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(PkiError::KeyPermissions {
-            path: path.to_owned(),
-            mode,
-        });
+        return Err(PkiError::KeyPermissions { path: path.to_owned(), mode });
     }
     fs::read_to_string(path).map_err(|s| io(path, s))
 }
@@ -236,15 +215,8 @@ fn read_secret(path: &Path) -> Result<String, PkiError> {
 pub(crate) fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), PkiError> {
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|s| io(&tmp, s))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|s| io(&tmp, s))?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(|s| io(&tmp, s))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|s| io(&tmp, s))?;
     fs::rename(&tmp, path).map_err(|s| io(path, s))
 }
 
@@ -265,10 +237,7 @@ mod tests {
     fn ca_is_created_private_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let a = Pki::load_or_create(dir.path(), &["127.0.0.1".into()]).unwrap();
-        let mode = fs::metadata(dir.path().join(CA_KEY))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.path().join(CA_KEY)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let b = Pki::load_or_create(dir.path(), &["localhost".into()]).unwrap();
         assert_eq!(a.ca_pem(), b.ca_pem());
@@ -300,10 +269,7 @@ mod tests {
             .collect();
         assert_eq!(sans, vec![format!("URI({})", target.san_uri())]);
         assert!(cert.validity().not_after.timestamp() <= not_after.as_second());
-        assert_eq!(
-            cert.public_key().raw,
-            rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
-        );
+        assert_eq!(cert.public_key().raw, rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
     }
 
     // Garbage in place of a CSR is refused with BadCsr.
@@ -311,9 +277,7 @@ mod tests {
     fn malformed_csr_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
-        let err = pki
-            .issue(TargetId::generate(), "not a csr", Timestamp::now())
-            .unwrap_err();
+        let err = pki.issue(TargetId::generate(), "not a csr", Timestamp::now()).unwrap_err();
         assert!(matches!(err, PkiError::BadCsr(_)), "{err}");
     }
 }

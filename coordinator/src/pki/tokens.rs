@@ -25,14 +25,9 @@ impl TokenKey {
     pub(super) fn load_or_create(path: &Path) -> Result<Self, PkiError> {
         if path.exists() {
             let hex_key = read_secret(path)?;
-            let bytes = hex::decode(hex_key.trim())
-                .ok()
-                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            let bytes = hex::decode(hex_key.trim()).ok().and_then(|b| <[u8; 32]>::try_from(b).ok());
             return bytes.map(Self).ok_or_else(|| {
-                io(
-                    path,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key"),
-                )
+                io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, "not a 32-byte hex key"))
             });
         }
         let key: [u8; 32] = rand::random();

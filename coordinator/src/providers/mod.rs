@@ -5,6 +5,8 @@
 //! target returns the same instance, and `terminate` / `delete_image` treat
 //! "not found" as success.
 
+pub mod qemu;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub struct Launch<'a> {
     pub spec: &'a TargetSpec,
     /// The rendered user-data: a shell script that fetches and starts the agent.
     pub user_data: String,
+    /// How the instance reaches the coordinator (and its NoCloud seed).
+    pub endpoints: AgentEndpoints,
     /// A human-readable instance name.
     pub name: String,
     pub provenance: &'a Provenance,
@@ -62,26 +66,29 @@ pub struct Served {
 pub struct AgentEndpoints {
     /// Base URL of the mTLS agent listener.
     pub agent_url: String,
-    /// Plain-HTTP URL of the agent binary.
-    pub agent_binary_url: String,
+    /// Base URL of the plain-HTTP bootstrap listener.
+    pub bootstrap_url: String,
 }
 
 impl AgentEndpoints {
     /// The endpoints at `host` on the served ports.
     pub fn at(host: &str, served: &Served) -> Self {
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_owned() };
         Self {
             agent_url: format!("https://{host}:{}", served.agent_port),
-            agent_binary_url: format!(
-                "http://{host}:{}{}",
-                served.bootstrap_port,
-                kiln_protocol::agent::paths::AGENT_BINARY
-            ),
+            bootstrap_url: format!("http://{host}:{}", served.bootstrap_port),
         }
+    }
+
+    /// Where the agent binary is downloaded from.
+    pub fn agent_binary_url(&self) -> String {
+        format!("{}{}", self.bootstrap_url, kiln_protocol::agent::paths::AGENT_BINARY)
+    }
+
+    /// The NoCloud seed of a target: `user-data`, `meta-data`, `vendor-data`
+    /// and `network-config` are served below it.
+    pub fn seed_url(&self, target: TargetId) -> String {
+        format!("{}{}", self.bootstrap_url, kiln_protocol::agent::paths::seed(target))
     }
 }
 
@@ -98,7 +105,10 @@ pub enum InstanceState {
 /// What a provider learned about a finished image.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImageInfo {
+    /// Bytes the image takes up.
     pub size_bytes: Option<u64>,
+    /// Bytes of the disk the image boots as.
+    pub virtual_size_bytes: Option<u64>,
     pub sha256: Option<String>,
 }
 
@@ -129,12 +139,7 @@ pub struct ProviderError {
 
 impl ProviderError {
     pub fn new(kind: ProviderErrorKind, message: impl Into<String>) -> Self {
-        Self {
-            kind,
-            code: None,
-            message: message.into(),
-            source: None,
-        }
+        Self { kind, code: None, message: message.into(), source: None }
     }
 
     pub fn with_code(mut self, code: impl Into<String>) -> Self {
@@ -162,10 +167,7 @@ pub trait Provider: Send + Sync + 'static {
     /// The URLs the instance uses to reach the coordinator. By default the
     /// cloud's `coordinator_host` option, else the coordinator's public host.
     fn endpoints(&self, cloud: &Cloud, served: &Served) -> AgentEndpoints {
-        let host = cloud
-            .options
-            .get("coordinator_host")
-            .unwrap_or(&served.public_host);
+        let host = cloud.options.get("coordinator_host").unwrap_or(&served.public_host);
         AgentEndpoints::at(host, served)
     }
 
@@ -178,18 +180,10 @@ pub trait Provider: Send + Sync + 'static {
     /// Starts an instance for `launch.target`; idempotent per target.
     async fn launch(&self, launch: &Launch<'_>) -> Result<InstanceId, ProviderError>;
 
-    async fn state(
-        &self,
-        cloud: &Cloud,
-        instance: &InstanceId,
-    ) -> Result<InstanceState, ProviderError>;
+    async fn state(&self, cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError>;
 
     /// The last lines of the instance's console, for error messages.
-    async fn console_tail(
-        &self,
-        cloud: &Cloud,
-        instance: &InstanceId,
-    ) -> Result<String, ProviderError>;
+    async fn console_tail(&self, cloud: &Cloud, instance: &InstanceId) -> Result<String, ProviderError>;
 
     /// Stops an instance that did not power itself off.
     async fn stop(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError>;

@@ -34,10 +34,7 @@ pub struct LogFiles {
 impl LogFiles {
     pub fn open(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            locks: Mutex::default(),
-        })
+        Ok(Self { dir: dir.to_owned(), locks: Mutex::default() })
     }
 
     fn path(&self, target: TargetId) -> PathBuf {
@@ -45,28 +42,16 @@ impl LogFiles {
     }
 
     fn lock(&self, target: TargetId) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks
-            .lock()
-            .expect("lock map poisoned")
-            .entry(target)
-            .or_default()
-            .clone()
+        self.locks.lock().expect("lock map poisoned").entry(target).or_default().clone()
     }
 
     /// Appends `bytes` that start at `offset`, idempotently: bytes that are
     /// already committed must match and are not written again.
-    pub async fn append(
-        &self,
-        target: TargetId,
-        offset: u64,
-        bytes: bytes::Bytes,
-    ) -> io::Result<Append> {
+    pub async fn append(&self, target: TargetId, offset: u64, bytes: bytes::Bytes) -> io::Result<Append> {
         let lock = self.lock(target);
         let _guard = lock.lock().await;
         let path = self.path(target);
-        tokio::task::spawn_blocking(move || append_blocking(&path, offset, &bytes))
-            .await
-            .map_err(io::Error::other)?
+        tokio::task::spawn_blocking(move || append_blocking(&path, offset, &bytes)).await.map_err(io::Error::other)?
     }
 
     /// Bytes committed so far (0 before the first chunk).
@@ -98,19 +83,12 @@ impl LogFiles {
 }
 
 fn append_blocking(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<Append> {
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
     let len = file.metadata()?.len();
     if offset > len {
         return Ok(Append::Mismatch { committed: len });
     }
-    let overlap = usize::try_from(len - offset)
-        .unwrap_or(usize::MAX)
-        .min(bytes.len());
+    let overlap = usize::try_from(len - offset).unwrap_or(usize::MAX).min(bytes.len());
     if overlap > 0 {
         let mut existing = vec![0; overlap];
         file.seek(SeekFrom::Start(offset))?;
@@ -142,7 +120,7 @@ mod tests {
         let t = TargetId::generate();
         let cases: &[(u64, &str, Append)] = &[
             (0, "hello ", Append::Committed(6)),
-            (0, "hello ", Append::Committed(6)), // resent: nothing doubled
+            (0, "hello ", Append::Committed(6)),    // resent: nothing doubled
             (3, "lo world", Append::Committed(11)), // overlap then new bytes
             (20, "gap", Append::Mismatch { committed: 11 }),
             (6, "WORLD", Append::Mismatch { committed: 11 }), // disagrees with committed bytes
@@ -150,10 +128,7 @@ mod tests {
             (11, "!", Append::Committed(12)),
         ];
         for (offset, data, want) in cases {
-            let got = logs
-                .append(t, *offset, Bytes::from(data.to_string()))
-                .await
-                .unwrap();
+            let got = logs.append(t, *offset, Bytes::from(data.to_string())).await.unwrap();
             assert_eq!(got, *want, "offset {offset} data {data:?}");
         }
         assert_eq!(logs.read(t, 0, 100).await.unwrap(), b"hello world!");

@@ -24,9 +24,7 @@ const SCHEMA_KEY: &[u8] = b"schema_version";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error(
-        "the data directory {0} is in use by another kiln process; stop it or use another --data-dir"
-    )]
+    #[error("the data directory {0} is in use by another kiln process; stop it or use another --data-dir")]
     Locked(String),
     #[error("database error")]
     Sled(#[from] sled::Error),
@@ -110,8 +108,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
             sled::Error::Io(ref io)
-                if io.kind() == std::io::ErrorKind::WouldBlock
-                    || io.to_string().contains("lock") =>
+                if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
             {
                 StoreError::Locked(dir.display().to_string())
             }
@@ -125,10 +122,7 @@ impl Store {
             Some(v) => {
                 let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
                 if found != SCHEMA_VERSION {
-                    return Err(StoreError::SchemaMismatch {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
+                    return Err(StoreError::SchemaMismatch { found, expected: SCHEMA_VERSION });
                 }
             }
         }
@@ -155,28 +149,18 @@ impl Store {
 
     pub fn insert_cloud(&self, cloud: &Cloud) -> Result<(), StoreError> {
         let key = cloud.name.as_str().as_bytes();
-        match self
-            .clouds
-            .compare_and_swap(key, None::<&[u8]>, Some(encode(cloud)))?
-        {
+        match self.clouds.compare_and_swap(key, None::<&[u8]>, Some(encode(cloud)))? {
             Ok(()) => Ok(()),
             Err(_) => Err(StoreError::AlreadyExists(format!("cloud {}", cloud.name))),
         }
     }
 
     pub fn cloud(&self, name: &CloudName) -> Result<Option<Cloud>, StoreError> {
-        self.clouds
-            .get(name.as_str())?
-            .map(|v| decode("clouds", &v))
-            .transpose()
+        self.clouds.get(name.as_str())?.map(|v| decode("clouds", &v)).transpose()
     }
 
     pub fn clouds(&self) -> Result<Vec<Cloud>, StoreError> {
-        self.clouds
-            .iter()
-            .values()
-            .map(|v| decode("clouds", &v?))
-            .collect()
+        self.clouds.iter().values().map(|v| decode("clouds", &v?)).collect()
     }
 
     /// Removes a cloud; false when there was none.
@@ -197,27 +181,15 @@ impl Store {
     ) -> Result<Revision, StoreError> {
         let name = spec.name.clone();
         let result = (&self.generators, &self.revisions).transaction(|(generators, revisions)| {
-            let head: Option<GeneratorRecord> = generators
-                .get(name.as_str())?
-                .map(|v| decode("generators", &v))
-                .transpose()
-                .or_else(abort)?;
+            let head: Option<GeneratorRecord> =
+                generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose().or_else(abort)?;
             let head = match (head, create) {
                 (Some(_), true) => {
                     return abort(StoreError::AlreadyExists(format!("generator {name}")));
                 }
                 (None, false) => return abort(StoreError::NotFound(format!("generator {name}"))),
-                (None, true) => GeneratorRecord {
-                    name: name.clone(),
-                    latest: 1,
-                    created_at: now,
-                    updated_at: now,
-                },
-                (Some(h), false) => GeneratorRecord {
-                    latest: h.latest + 1,
-                    updated_at: now,
-                    ..h
-                },
+                (None, true) => GeneratorRecord { name: name.clone(), latest: 1, created_at: now, updated_at: now },
+                (Some(h), false) => GeneratorRecord { latest: h.latest + 1, updated_at: now, ..h },
             };
             let revision = Revision {
                 generator: name.clone(),
@@ -234,48 +206,26 @@ impl Store {
     }
 
     pub fn generator(&self, name: &GeneratorName) -> Result<Option<GeneratorRecord>, StoreError> {
-        self.generators
-            .get(name.as_str())?
-            .map(|v| decode("generators", &v))
-            .transpose()
+        self.generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose()
     }
 
     pub fn generators(&self) -> Result<Vec<GeneratorRecord>, StoreError> {
-        self.generators
-            .iter()
-            .values()
-            .map(|v| decode("generators", &v?))
-            .collect()
+        self.generators.iter().values().map(|v| decode("generators", &v?)).collect()
     }
 
-    pub fn revision(
-        &self,
-        name: &GeneratorName,
-        number: u32,
-    ) -> Result<Option<Revision>, StoreError> {
-        self.revisions
-            .get(revision_key(name, number))?
-            .map(|v| decode("revisions", &v))
-            .transpose()
+    pub fn revision(&self, name: &GeneratorName, number: u32) -> Result<Option<Revision>, StoreError> {
+        self.revisions.get(revision_key(name, number))?.map(|v| decode("revisions", &v)).transpose()
     }
 
     /// All revisions of a generator, oldest first.
     pub fn revisions(&self, name: &GeneratorName) -> Result<Vec<Revision>, StoreError> {
-        self.revisions
-            .scan_prefix(prefix(name.as_str()))
-            .values()
-            .map(|v| decode("revisions", &v?))
-            .collect()
+        self.revisions.scan_prefix(prefix(name.as_str())).values().map(|v| decode("revisions", &v?)).collect()
     }
 
     // ---- builds and targets
 
     /// Stores a new build and all its targets at once.
-    pub fn insert_build(
-        &self,
-        build: &BuildRecord,
-        targets: &[TargetRecord],
-    ) -> Result<(), StoreError> {
+    pub fn insert_build(&self, build: &BuildRecord, targets: &[TargetRecord]) -> Result<(), StoreError> {
         let result = (&self.builds, &self.targets).transaction(|(builds, tree)| {
             builds.insert(build.id.as_bytes(), encode(build))?;
             for t in targets {
@@ -287,18 +237,11 @@ impl Store {
     }
 
     pub fn build(&self, id: BuildId) -> Result<Option<BuildRecord>, StoreError> {
-        self.builds
-            .get(id.as_bytes())?
-            .map(|v| decode("builds", &v))
-            .transpose()
+        self.builds.get(id.as_bytes())?.map(|v| decode("builds", &v)).transpose()
     }
 
     /// Builds, newest first (ids are time-ordered), that pass `keep`, at most `limit`.
-    pub fn builds(
-        &self,
-        limit: usize,
-        keep: impl Fn(&BuildRecord) -> bool,
-    ) -> Result<Vec<BuildRecord>, StoreError> {
+    pub fn builds(&self, limit: usize, keep: impl Fn(&BuildRecord) -> bool) -> Result<Vec<BuildRecord>, StoreError> {
         let mut out = Vec::new();
         for v in self.builds.iter().values().rev() {
             let b: BuildRecord = decode("builds", &v?)?;
@@ -313,11 +256,7 @@ impl Store {
     }
 
     /// Applies `f` to a build record atomically.
-    pub fn update_build(
-        &self,
-        id: BuildId,
-        f: impl Fn(&mut BuildRecord),
-    ) -> Result<BuildRecord, StoreError> {
+    pub fn update_build(&self, id: BuildId, f: impl Fn(&mut BuildRecord)) -> Result<BuildRecord, StoreError> {
         let mut last = None;
         self.builds.update_and_fetch(id.as_bytes(), |old| {
             let mut b: BuildRecord = serde_json::from_slice(old?).ok()?;
@@ -330,18 +269,11 @@ impl Store {
     }
 
     pub fn target(&self, id: TargetId) -> Result<Option<TargetRecord>, StoreError> {
-        self.targets
-            .get(id.as_bytes())?
-            .map(|v| decode("targets", &v))
-            .transpose()
+        self.targets.get(id.as_bytes())?.map(|v| decode("targets", &v)).transpose()
     }
 
     /// Applies `f` to a target record atomically and returns the new record.
-    pub fn update_target(
-        &self,
-        id: TargetId,
-        f: impl Fn(&mut TargetRecord),
-    ) -> Result<TargetRecord, StoreError> {
+    pub fn update_target(&self, id: TargetId, f: impl Fn(&mut TargetRecord)) -> Result<TargetRecord, StoreError> {
         let mut last = None;
         self.targets.update_and_fetch(id.as_bytes(), |old| {
             let mut t: TargetRecord = serde_json::from_slice(old?).ok()?;
@@ -372,11 +304,8 @@ impl Store {
     /// the token is now outstanding.
     pub fn offer_token(&self, hash: &str, record: &TokenRecord) -> Result<bool, StoreError> {
         let result = (&self.tokens, &self.targets).transaction(|(tokens, targets)| {
-            let target: Option<TargetRecord> = targets
-                .get(record.target.as_bytes())?
-                .map(|v| decode("targets", &v))
-                .transpose()
-                .or_else(abort)?;
+            let target: Option<TargetRecord> =
+                targets.get(record.target.as_bytes())?.map(|v| decode("targets", &v)).transpose().or_else(abort)?;
             match target {
                 Some(t) if !t.enrolled && !t.status.is_terminal() => {
                     tokens.insert(hash.as_bytes(), encode(record))?;
@@ -437,27 +366,30 @@ impl Store {
     }
 
     pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
-        self.certs
-            .get(serial.as_bytes())?
-            .map(|v| decode("certs", &v))
-            .transpose()
+        self.certs.get(serial.as_bytes())?.map(|v| decode("certs", &v)).transpose()
     }
 
     // ---- images
 
+    /// Records an image under its (unique) name.
     pub fn insert_image(&self, image: &Image) -> Result<(), StoreError> {
-        let mut key = prefix(image.cloud.as_str());
-        key.extend_from_slice(image.id.as_bytes());
-        self.images.insert(key, encode(image))?;
+        self.images.insert(image.name.as_bytes(), encode(image))?;
         Ok(())
     }
 
+    pub fn image(&self, name: &str) -> Result<Option<Image>, StoreError> {
+        self.images.get(name.as_bytes())?.map(|v| decode("images", &v)).transpose()
+    }
+
+    /// Images, oldest first.
     pub fn images(&self) -> Result<Vec<Image>, StoreError> {
-        self.images
-            .iter()
-            .values()
-            .map(|v| decode("images", &v?))
-            .collect()
+        let mut all = self.images.iter().values().map(|v| decode("images", &v?)).collect::<Result<Vec<Image>, _>>()?;
+        all.sort_by_key(|i| i.created_at);
+        Ok(all)
+    }
+
+    pub fn remove_image(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.images.remove(name.as_bytes())?.is_some())
     }
 }
 
@@ -483,28 +415,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let now = Timestamp::now();
-        let r1 = store
-            .save_revision(spec("g"), "a".into(), now, true)
-            .unwrap();
-        let r2 = store
-            .save_revision(spec("g"), "b".into(), now, false)
-            .unwrap();
+        let r1 = store.save_revision(spec("g"), "a".into(), now, true).unwrap();
+        let r2 = store.save_revision(spec("g"), "b".into(), now, false).unwrap();
         assert_eq!((r1.number, r2.number), (1, 2));
-        assert!(matches!(
-            store.save_revision(spec("g"), "c".into(), now, true),
-            Err(StoreError::AlreadyExists(_))
-        ));
-        assert!(matches!(
-            store.save_revision(spec("h"), "c".into(), now, false),
-            Err(StoreError::NotFound(_))
-        ));
+        assert!(matches!(store.save_revision(spec("g"), "c".into(), now, true), Err(StoreError::AlreadyExists(_))));
+        assert!(matches!(store.save_revision(spec("h"), "c".into(), now, false), Err(StoreError::NotFound(_))));
         let all = store.revisions(&"g".parse().unwrap()).unwrap();
-        assert_eq!(
-            all.iter()
-                .map(|r| r.script_sha256.as_str())
-                .collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(all.iter().map(|r| r.script_sha256.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     }
 
     // A data directory written by another schema version is refused.
@@ -517,9 +434,6 @@ mod tests {
             db.flush().unwrap();
         }
         let err = Store::open(dir.path()).unwrap_err();
-        assert!(
-            matches!(err, StoreError::SchemaMismatch { found: 99, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, StoreError::SchemaMismatch { found: 99, .. }), "{err}");
     }
 }

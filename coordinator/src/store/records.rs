@@ -1,9 +1,7 @@
 //! What the store keeps that the API does not show as is.
 
 use kiln_protocol::agent::{Instruction, ScriptOutcome};
-use kiln_protocol::api::{
-    Cloud, FailureReason, Image, Status, Step, TargetError, TargetSpec, Timings,
-};
+use kiln_protocol::api::{Cloud, FailureReason, Image, Status, Step, TargetError, TargetSpec, Timings};
 use kiln_protocol::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 use serde::{Deserialize, Serialize};
 
@@ -66,11 +64,7 @@ impl TargetRecord {
     /// Marks the target failed at its current step; the workflow will unwind.
     pub fn fail(&mut self, reason: FailureReason, message: impl Into<String>) {
         if self.error.is_none() {
-            self.error = Some(TargetError {
-                step: self.step,
-                reason,
-                message: message.into(),
-            });
+            self.error = Some(TargetError { step: self.step, reason, message: message.into() });
         }
     }
 

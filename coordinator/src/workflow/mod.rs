@@ -23,10 +23,7 @@ use crate::store::StoreError;
 #[derive(Debug)]
 pub(crate) enum StepError {
     /// The target failed: record this and unwind.
-    Fail {
-        reason: FailureReason,
-        message: String,
-    },
+    Fail { reason: FailureReason, message: String },
     /// A user cancelled, or the coordinator is shutting down: re-read the record.
     Interrupted,
     /// The store failed; the workflow stops and resumes at the next start.
@@ -35,10 +32,7 @@ pub(crate) enum StepError {
 
 impl StepError {
     pub(crate) fn fail(reason: FailureReason, message: impl Into<String>) -> Self {
-        Self::Fail {
-            reason,
-            message: message.into(),
-        }
+        Self::Fail { reason, message: message.into() }
     }
 }
 
@@ -86,12 +80,7 @@ pub(crate) fn spawn(app: &App, id: TargetId) {
     app.0.tasks.spawn(
         async move {
             run(&task_app, id).await;
-            task_app
-                .0
-                .interrupts
-                .lock()
-                .expect("interrupts poisoned")
-                .remove(&id);
+            task_app.0.interrupts.lock().expect("interrupts poisoned").remove(&id);
         }
         .instrument(span),
     );
@@ -99,24 +88,14 @@ pub(crate) fn spawn(app: &App, id: TargetId) {
 
 /// Interrupts the current step of a target (after a cancel), so it unwinds now.
 pub(crate) fn interrupt(app: &App, id: TargetId) {
-    if let Some(token) = app
-        .0
-        .interrupts
-        .lock()
-        .expect("interrupts poisoned")
-        .get(&id)
-    {
+    if let Some(token) = app.0.interrupts.lock().expect("interrupts poisoned").get(&id) {
         token.cancel();
     }
 }
 
 fn fresh_interrupt(app: &App, id: TargetId) -> CancellationToken {
     let token = app.0.shutdown.child_token();
-    app.0
-        .interrupts
-        .lock()
-        .expect("interrupts poisoned")
-        .insert(id, token.clone());
+    app.0.interrupts.lock().expect("interrupts poisoned").insert(id, token.clone());
     token
 }
 
@@ -159,10 +138,7 @@ async fn run(app: &App, id: TargetId) {
             }
             Err(StepError::Fail { reason, message }) => {
                 tracing::warn!(step = t.step.as_str(), ?reason, %message, "target failed");
-                let recorded = app
-                    .0
-                    .store
-                    .update_target(id, |r| r.fail(reason, message.clone()));
+                let recorded = app.0.store.update_target(id, |r| r.fail(reason, message.clone()));
                 if let Err(e) = recorded {
                     tracing::error!(error = %e, "cannot record failure; it resumes at the next start");
                     return;

@@ -41,10 +41,7 @@ pub struct Undo {
 
 pub fn undo(t: &TargetRecord) -> Undo {
     let recorded = t.step >= Step::CleanUp;
-    Undo {
-        delete_image: if recorded { None } else { t.image_id.clone() },
-        terminate: t.instance.clone(),
-    }
+    Undo { delete_image: if recorded { None } else { t.image_id.clone() }, terminate: t.instance.clone() }
 }
 
 #[cfg(test)]
@@ -116,28 +113,10 @@ mod tests {
         let mut t = record(Step::Snapshot, Status::Running);
         t.instance = Some("i-1".into());
         t.image_id = Some("ami-1".into());
-        assert_eq!(
-            undo(&t),
-            Undo {
-                delete_image: Some("ami-1".into()),
-                terminate: Some("i-1".into())
-            }
-        );
+        assert_eq!(undo(&t), Undo { delete_image: Some("ami-1".into()), terminate: Some("i-1".into()) });
         t.step = Step::CleanUp;
-        assert_eq!(
-            undo(&t),
-            Undo {
-                delete_image: None,
-                terminate: Some("i-1".into())
-            }
-        );
+        assert_eq!(undo(&t), Undo { delete_image: None, terminate: Some("i-1".into()) });
         let fresh = record(Step::Launch, Status::Submitted);
-        assert_eq!(
-            undo(&fresh),
-            Undo {
-                delete_image: None,
-                terminate: None
-            }
-        );
+        assert_eq!(undo(&fresh), Undo { delete_image: None, terminate: None });
     }
 }

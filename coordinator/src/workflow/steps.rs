@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use kiln_bootstrap::UserData;
 use kiln_protocol::Timestamp;
 use kiln_protocol::agent::{Instruction, ScriptOutcome};
 use kiln_protocol::api::{FailureReason, Image, Provenance, Status, Step};
@@ -39,10 +38,7 @@ pub(super) fn provider(app: &App, t: &TargetRecord) -> Result<Arc<dyn Provider>,
     app.0.providers.get(t.cloud.kind).ok_or_else(|| {
         StepError::fail(
             FailureReason::Internal,
-            format!(
-                "this coordinator has no provider for clouds of kind {}",
-                t.cloud.kind.as_str()
-            ),
+            format!("this coordinator has no provider for clouds of kind {}", t.cloud.kind.as_str()),
         )
     })
 }
@@ -53,24 +49,15 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ProviderError>>,
 {
-    f.retry(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(500))
-            .with_max_times(6)
-            .with_jitter(),
-    )
-    .when(ProviderError::is_transient)
-    .notify(|e, after| tracing::warn!(error = %e, ?after, "{what}: retrying"))
-    .await
-    .map_err(|e| StepError::fail(FailureReason::Provider, format!("{what}: {e}")))
+    f.retry(ExponentialBuilder::default().with_min_delay(Duration::from_millis(500)).with_max_times(6).with_jitter())
+        .when(ProviderError::is_transient)
+        .notify(|e, after| tracing::warn!(error = %e, ?after, "{what}: retrying"))
+        .await
+        .map_err(|e| StepError::fail(FailureReason::Provider, format!("{what}: {e}")))
 }
 
 /// Writes `f`'s change and flushes it before anything else happens.
-async fn advance(
-    app: &App,
-    t: &TargetRecord,
-    f: impl Fn(&mut TargetRecord),
-) -> Result<TargetRecord, StepError> {
+async fn advance(app: &App, t: &TargetRecord, f: impl Fn(&mut TargetRecord)) -> Result<TargetRecord, StepError> {
     let r = app.0.store.update_target(t.id, f)?;
     app.0.store.flush().await?;
     app.notify();
@@ -103,46 +90,15 @@ fn remaining(since: Option<Timestamp>, limit: Duration) -> Instant {
     Instant::now() + left
 }
 
-async fn launch(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
-) -> Result<(), StepError> {
+async fn launch(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     let t = &advance(app, t, |r| r.status = Status::Running).await?;
     let token = app.0.pki.tokens().token(t.id);
     let expires_at = Timestamp::now() + app.0.config.timeouts.token_ttl;
-    app.0.store.offer_token(
-        &TokenHash::of(&token).0,
-        &TokenRecord {
-            target: t.id,
-            expires_at,
-        },
-    )?;
+    app.0.store.offer_token(&TokenHash::of(&token).0, &TokenRecord { target: t.id, expires_at })?;
     app.0.store.flush().await?;
 
-    let binary = app.agent_binary().ok_or_else(|| {
-        StepError::fail(
-            FailureReason::Internal,
-            "the coordinator has no agent binary to serve",
-        )
-    })?;
     let endpoints = provider.endpoints(&t.cloud, &app.0.served);
-    let user_data = UserData {
-        agent_url: &endpoints.agent_url,
-        agent_binary_url: &endpoints.agent_binary_url,
-        ca_pem: app.pki().ca_pem(),
-        agent_sha256: &binary.sha256,
-        target: t.id,
-        token: &token,
-        fetch_timeout_secs: 600,
-    }
-    .render()
-    .map_err(|e| {
-        StepError::fail(
-            FailureReason::Internal,
-            format!("cannot render user-data: {e}"),
-        )
-    })?;
+    let user_data = app.user_data(t, &endpoints, &token).map_err(StepError::from)?;
     let rev = app.revision(&t.generator, Some(t.revision))?;
     let provenance = provenance(t, rev.script_sha256);
     let request = Launch {
@@ -151,6 +107,7 @@ async fn launch(
         cloud: &t.cloud,
         spec: &t.spec,
         user_data,
+        endpoints,
         name: format!("kiln-{}-r{}-{}", t.generator, t.revision, t.id),
         provenance: &provenance,
     };
@@ -211,11 +168,7 @@ async fn wait_for(
     }
 }
 
-async fn console_tail(
-    provider: &Arc<dyn Provider>,
-    t: &TargetRecord,
-    instance: &InstanceId,
-) -> String {
+async fn console_tail(provider: &Arc<dyn Provider>, t: &TargetRecord, instance: &InstanceId) -> String {
     match provider.console_tail(&t.cloud, instance).await {
         Ok(tail) if tail.trim().is_empty() => "the console is empty".into(),
         Ok(tail) => format!("last console lines:\n{}", last_lines(&tail, TAIL_LINES)),
@@ -228,11 +181,7 @@ fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-async fn await_agent(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
-) -> Result<(), StepError> {
+async fn await_agent(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     let limit = app.0.config.timeouts.agent_contact;
     let deadline = remaining(t.timings.launched_at, limit);
     wait_for(
@@ -262,11 +211,7 @@ async fn await_agent(
     Ok(())
 }
 
-async fn run_script(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
-) -> Result<(), StepError> {
+async fn run_script(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     let timeout = app.script_timeout(t);
     let started = t.timings.script_started_at.or(t.timings.agent_contact_at);
     let deadline = remaining(started, timeout + REPORT_GRACE);
@@ -276,19 +221,11 @@ async fn run_script(
         provider,
         deadline,
         |r| r.outcome.is_some(),
-        |tail| {
-            StepError::fail(
-                FailureReason::Internal,
-                format!("the instance stopped while the script ran; {tail}"),
-            )
-        },
+        |tail| StepError::fail(FailureReason::Internal, format!("the instance stopped while the script ran; {tail}")),
         |tail| {
             StepError::fail(
                 FailureReason::Timeout,
-                format!(
-                    "the agent did not report within the script's timeout of {}s; {tail}",
-                    timeout.as_secs()
-                ),
+                format!("the agent did not report within the script's timeout of {}s; {tail}", timeout.as_secs()),
             )
         },
     )
@@ -309,25 +246,15 @@ async fn run_script(
         _ => FailureReason::ScriptFailed,
     };
     let committed = app.0.logs.len(t.id).await.unwrap_or(0);
-    let tail_bytes = app
-        .0
-        .logs
-        .read(t.id, committed.saturating_sub(4096), 4096)
-        .await
-        .unwrap_or_default();
+    let tail_bytes = app.0.logs.read(t.id, committed.saturating_sub(4096), 4096).await.unwrap_or_default();
     let tail = last_lines(&String::from_utf8_lossy(&tail_bytes), TAIL_LINES);
     let what = match &outcome {
         ScriptOutcome::TimedOut { after_secs } => {
-            format!(
-                "the script ran past its timeout of {after_secs}s and was killed with its children"
-            )
+            format!("the script ran past its timeout of {after_secs}s and was killed with its children")
         }
         other => format!("the script failed ({other})"),
     };
-    Err(StepError::fail(
-        reason,
-        format!("{what}; last log lines:\n{tail}"),
-    ))
+    Err(StepError::fail(reason, format!("{what}; last log lines:\n{tail}")))
 }
 
 async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
@@ -352,10 +279,7 @@ async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Resu
                 let tail = console_tail(provider, t, &instance).await;
                 return Err(StepError::fail(
                     FailureReason::Provider,
-                    format!(
-                        "the instance did not stop within {}s of being stopped; {tail}",
-                        limit.as_secs()
-                    ),
+                    format!("the instance did not stop within {}s of being stopped; {tail}", limit.as_secs()),
                 ));
             }
             tracing::warn!("the instance did not power off after sealing; stopping it");
@@ -373,11 +297,7 @@ async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Resu
     Ok(())
 }
 
-async fn snapshot(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
-) -> Result<(), StepError> {
+async fn snapshot(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     let instance = instance(t)?;
     let rev = app.revision(&t.generator, Some(t.revision))?;
     let provenance = provenance(t, rev.script_sha256);
@@ -385,10 +305,7 @@ async fn snapshot(
     let image = match &t.image_id {
         Some(id) => ImageId(id.clone()),
         None => {
-            let id = call("create image", || {
-                provider.start_image(&t.cloud, &instance, &name, &provenance)
-            })
-            .await?;
+            let id = call("create image", || provider.start_image(&t.cloud, &instance, &name, &provenance)).await?;
             advance(app, t, |r| r.image_id = Some(id.0.clone())).await?;
             id
         }
@@ -401,6 +318,7 @@ async fn snapshot(
         cloud: t.cloud.name.clone(),
         created_at: now,
         size_bytes: info.size_bytes,
+        virtual_size_bytes: info.virtual_size_bytes,
         sha256: info.sha256.clone(),
         provenance,
     };
@@ -415,20 +333,13 @@ async fn snapshot(
 }
 
 async fn record(app: &App, t: &TargetRecord) -> Result<(), StepError> {
-    let image = t
-        .image
-        .clone()
-        .ok_or_else(|| StepError::fail(FailureReason::Internal, "no image to record"))?;
+    let image = t.image.clone().ok_or_else(|| StepError::fail(FailureReason::Internal, "no image to record"))?;
     app.0.store.insert_image(&image)?;
     advance(app, t, |r| r.step = Step::CleanUp).await?;
     Ok(())
 }
 
-async fn clean_up(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
-) -> Result<(), StepError> {
+async fn clean_up(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     if let Some(instance) = t.instance.clone().map(InstanceId) {
         call("terminate", || provider.terminate(&t.cloud, &instance)).await?;
     }

@@ -14,9 +14,7 @@ pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError>
     let undo = plan::undo(t);
     let mut problems = Vec::new();
     // Tell a live agent to stop before its instance goes away.
-    app.0
-        .store
-        .update_target(t.id, |r| r.instruction = Instruction::Finish)?;
+    app.0.store.update_target(t.id, |r| r.instruction = Instruction::Finish)?;
     app.notify();
     if undo.delete_image.is_some() || undo.terminate.is_some() {
         match provider(app, t) {
@@ -27,15 +25,14 @@ pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError>
                             app.0.store.update_target(t.id, |r| r.image_id = None)?;
                             tracing::info!(%image, "half-made image deleted");
                         }
-                        Err(e) => problems.push(format!(
-                            "image {image} could not be deleted ({e}); delete it by hand"
-                        )),
+                        Err(e) => problems.push(format!("image {image} could not be deleted ({e}); delete it by hand")),
                     }
                 }
                 if let Some(instance) = undo.terminate.map(InstanceId) {
                     match call("terminate", || provider.terminate(&t.cloud, &instance)).await {
                         Ok(()) => tracing::info!(%instance, "instance terminated"),
-                        Err(e) => problems.push(format!("instance {instance} could not be terminated ({e}); terminate it by hand")),
+                        Err(e) => problems
+                            .push(format!("instance {instance} could not be terminated ({e}); terminate it by hand")),
                     }
                 }
             }
@@ -43,10 +40,7 @@ pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError>
         }
     }
     app.0.store.remove_token(&app.token_hash(t.id).0)?;
-    let cancelled = t
-        .error
-        .as_ref()
-        .is_some_and(|e| e.reason == FailureReason::Cancelled);
+    let cancelled = t.error.as_ref().is_some_and(|e| e.reason == FailureReason::Cancelled);
     app.0.store.update_target(t.id, |r| {
         if let Some(err) = r.error.as_mut() {
             for p in &problems {
@@ -54,11 +48,7 @@ pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError>
                 err.message.push_str(p);
             }
         }
-        r.status = if cancelled {
-            Status::Cancelled
-        } else {
-            Status::Failed
-        };
+        r.status = if cancelled { Status::Cancelled } else { Status::Failed };
         r.timings.finished_at.get_or_insert(Timestamp::now());
     })?;
     app.0.store.flush().await?;

@@ -34,10 +34,7 @@ pub async fn create(
 #[utoipa::path(get, operation_id = "show_generator", path = "/v1/generators/{name}", tag = "generators",
     params(("name" = String, Path, description = "Generator name")),
     responses((status = 200, body = Revision), (status = 404, body = ErrorBody)))]
-pub async fn show(
-    State(app): State<App>,
-    ApiPath(name): ApiPath<GeneratorName>,
-) -> Result<Json<Revision>, ApiError> {
+pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<GeneratorName>) -> Result<Json<Revision>, ApiError> {
     Ok(Json(app.revision(&name, None)?))
 }
 
@@ -50,10 +47,7 @@ pub async fn update(
     ApiPath(name): ApiPath<GeneratorName>,
     ApiJson(spec): ApiJson<GeneratorSpec>,
 ) -> Result<(StatusCode, Json<Revision>), ApiError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(app.update_generator(&name, spec).await?),
-    ))
+    Ok((StatusCode::CREATED, Json(app.update_generator(&name, spec).await?)))
 }
 
 /// Every revision of a generator, oldest first.

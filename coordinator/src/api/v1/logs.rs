@@ -28,17 +28,12 @@ pub async fn read(
     ApiQuery(range): ApiQuery<LogRange>,
 ) -> Result<impl IntoResponse, ApiError> {
     let offset = range.offset.unwrap_or(0);
-    let bytes = app
-        .read_log(id, offset, range.limit.unwrap_or(MAX_LOG_READ))
-        .await?;
+    let bytes = app.read_log(id, offset, range.limit.unwrap_or(MAX_LOG_READ)).await?;
     let committed = app.target_view(app.target_record(id)?).await?.log_bytes;
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::HeaderName::from_static("x-kiln-log-committed"),
-                committed.to_string(),
-            ),
+            (header::HeaderName::from_static("x-kiln-log-committed"), committed.to_string()),
         ],
         bytes,
     ))
@@ -65,16 +60,12 @@ pub async fn follow(
                     .json_data(LogChunk { offset, data })
                     .unwrap_or_default()
             }
-            Ok(FollowEvent::End { total, status }) => Event::default()
-                .event("end")
-                .json_data(LogEnd { total, status })
-                .unwrap_or_default(),
+            Ok(FollowEvent::End { total, status }) => {
+                Event::default().event("end").json_data(LogEnd { total, status }).unwrap_or_default()
+            }
             Err(e) => {
                 let e = ApiError::from(e);
-                Event::default()
-                    .event("error")
-                    .json_data(e.body)
-                    .unwrap_or_default()
+                Event::default().event("error").json_data(e.body).unwrap_or_default()
             }
         })
     });

@@ -4,6 +4,7 @@
 mod builds;
 mod clouds;
 mod generators;
+mod images;
 mod logs;
 
 use axum::Router;
@@ -22,6 +23,7 @@ use crate::app::App;
         (name = "clouds", description = "Configured target clouds"),
         (name = "generators", description = "Scripts and per-cloud base images, with immutable revisions"),
         (name = "builds", description = "Runs of a revision on a set of clouds, and their logs"),
+        (name = "images", description = "What builds made, with provenance"),
     )
 )]
 struct ApiDoc;
@@ -39,6 +41,8 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(builds::cancel))
         .routes(routes!(logs::read))
         .routes(routes!(logs::follow))
+        .routes(routes!(images::list))
+        .routes(routes!(images::show, images::remove))
 }
 
 /// The OpenAPI document of the public API.
@@ -51,10 +55,7 @@ pub fn router(app: App) -> Router {
     let body_limit = app.config().limits.max_script_bytes + 1024 * 1024;
     let (router, api) = routes().split_for_parts();
     router
-        .route(
-            "/v1/openapi.json",
-            get(move || async move { axum::Json(api) }),
-        )
+        .route("/v1/openapi.json", get(move || async move { axum::Json(api) }))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(app)
 }

@@ -1,0 +1,207 @@
+//! The local cloud: VMs under QEMU on the coordinator's machine.
+//!
+//! A base image is a disk file (qcow2 or raw) or an image manifest
+//! (`image.json`: disk plus optional kernel, initrd and command line for direct
+//! boot), such as kiln's tiny image or any image a previous build made. Launch
+//! puts a qcow2 overlay on the base and starts QEMU with user-mode networking
+//! and no host forwards, so nothing can connect into the VM: the firewalled
+//! cloud. The NoCloud seed URL goes into the SMBIOS serial (and the kernel
+//! command line for direct boot), so cloud-init images and kiln's boot hook
+//! both find their user-data. The image is the overlay converted into a
+//! standalone qcow2 after the agent sealed the VM and QEMU exited.
+
+mod accel;
+mod image;
+mod vm;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
+
+pub use image::Manifest;
+
+use self::accel::Accel;
+use self::image::BaseImage;
+use super::{ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
+
+/// The cloud options a `qemu` cloud understands.
+const CLOUD_OPTIONS: &[&str] = &["memory_mib", "cpus", "accel", "coordinator_host"];
+/// The launch options a `qemu` target understands (direct boot overrides).
+const TARGET_OPTIONS: &[&str] = &["kernel", "initrd", "append"];
+
+/// Runs VMs under `root/instances` and keeps images in `images`.
+#[derive(Debug)]
+pub struct QemuProvider {
+    root: PathBuf,
+    images: PathBuf,
+    accel: tokio::sync::OnceCell<Accel>,
+}
+
+/// What a cloud's options ask for.
+#[derive(Debug, Clone)]
+struct Settings {
+    memory_mib: u32,
+    cpus: u32,
+    accel: Option<Accel>,
+}
+
+fn invalid(message: impl Into<String>) -> ProviderError {
+    ProviderError::new(ProviderErrorKind::Invalid, message)
+}
+
+fn failed(message: impl Into<String>) -> ProviderError {
+    ProviderError::new(ProviderErrorKind::Failed, message)
+}
+
+impl Settings {
+    fn of(cloud: &Cloud) -> Result<Self, ProviderError> {
+        if let Some(key) = cloud.options.keys().find(|k| !CLOUD_OPTIONS.contains(&k.as_str())) {
+            return Err(invalid(format!("qemu clouds have no option {key:?}; they know {}", CLOUD_OPTIONS.join(", "))));
+        }
+        let number = |key: &str, default: u32, max: u32| -> Result<u32, ProviderError> {
+            match cloud.options.get(key) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=max).contains(n))
+                    .ok_or_else(|| invalid(format!("option {key} is {v:?}; give a whole number from 1 to {max}"))),
+            }
+        };
+        let accel = match cloud.options.get("accel").map(String::as_str) {
+            None | Some("auto") => None,
+            Some("kvm") => Some(Accel::Kvm),
+            Some("tcg") => Some(Accel::Tcg),
+            Some(other) => return Err(invalid(format!("option accel is {other:?}; use auto, kvm or tcg"))),
+        };
+        Ok(Self { memory_mib: number("memory_mib", 512, 65536)?, cpus: number("cpus", 1, 64)?, accel })
+    }
+}
+
+impl QemuProvider {
+    /// A provider keeping its VMs under `data_dir/qemu` and images under `data_dir/images`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self { root: data_dir.join("qemu"), images: data_dir.join("images"), accel: tokio::sync::OnceCell::new() }
+    }
+
+    fn instance_dir(&self, instance: &InstanceId) -> PathBuf {
+        self.root.join("instances").join(&instance.0)
+    }
+
+    async fn accel(&self, settings: &Settings) -> Result<Accel, ProviderError> {
+        if let Some(a) = settings.accel {
+            return Ok(a);
+        }
+        let cache = self.root.join("accel");
+        Ok(*self.accel.get_or_init(|| accel::probe(cache)).await)
+    }
+
+    fn check_target(spec: &TargetSpec) -> Result<(), ProviderError> {
+        if let Some(key) = spec.options.keys().find(|k| !TARGET_OPTIONS.contains(&k.as_str())) {
+            return Err(invalid(format!(
+                "qemu targets have no launch option {key:?}; they know {}",
+                TARGET_OPTIONS.join(", ")
+            )));
+        }
+        if spec.instance_type.is_some() || spec.network.is_some() {
+            return Err(invalid(
+                "qemu targets take no instance type or network: size VMs with the cloud's memory_mib and cpus options",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Provider for QemuProvider {
+    async fn preflight(&self, cloud: &Cloud, spec: &TargetSpec) -> Result<(), ProviderError> {
+        vm::check_installed()?;
+        Settings::of(cloud)?;
+        Self::check_target(spec)?;
+        BaseImage::resolve(spec).await?;
+        Ok(())
+    }
+
+    async fn launch(&self, launch: &Launch<'_>) -> Result<InstanceId, ProviderError> {
+        let instance = InstanceId(format!("qemu-{}", launch.target));
+        let dir = self.instance_dir(&instance);
+        if vm::pid(&dir).is_some() {
+            return Ok(instance);
+        }
+        let settings = Settings::of(launch.cloud)?;
+        let base = BaseImage::resolve(launch.spec).await?;
+        let accel = self.accel(&settings).await?;
+        vm::start(&vm::VmSpec {
+            dir: &dir,
+            base: &base,
+            accel,
+            memory_mib: settings.memory_mib,
+            cpus: settings.cpus,
+            seed_url: &launch.endpoints.seed_url(launch.target),
+            name: &launch.name,
+        })
+        .await?;
+        Ok(instance)
+    }
+
+    async fn state(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError> {
+        let dir = self.instance_dir(instance);
+        Ok(if vm::pid(&dir).is_some() {
+            InstanceState::Running
+        } else if dir.join(vm::OVERLAY).exists() {
+            InstanceState::Stopped
+        } else {
+            InstanceState::Gone
+        })
+    }
+
+    async fn console_tail(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<String, ProviderError> {
+        vm::console_tail(&self.instance_dir(instance))
+    }
+
+    async fn stop(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {
+        vm::kill(&self.instance_dir(instance), nix::sys::signal::Signal::SIGTERM).await;
+        Ok(())
+    }
+
+    async fn start_image(
+        &self,
+        _cloud: &Cloud,
+        instance: &InstanceId,
+        name: &str,
+        provenance: &Provenance,
+    ) -> Result<ImageId, ProviderError> {
+        let dir = self.instance_dir(instance);
+        let base = BaseImage::from_instance(&dir)?;
+        let out = self.images.join(name);
+        image::prepare(&out, &dir.join(vm::OVERLAY), &base, name, provenance)?;
+        Ok(ImageId(out.display().to_string()))
+    }
+
+    async fn wait_image(&self, _cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError> {
+        image::finish(Path::new(&image.0)).await
+    }
+
+    async fn terminate(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {
+        let dir = self.instance_dir(instance);
+        vm::kill(&dir, nix::sys::signal::Signal::SIGKILL).await;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(failed(format!("cannot remove {}: {e}", dir.display()))),
+        }
+    }
+
+    async fn delete_image(&self, _cloud: &Cloud, image: &ImageId) -> Result<(), ProviderError> {
+        let dir = Path::new(&image.0);
+        if !dir.starts_with(&self.images) {
+            return Err(invalid(format!("{} is not in kiln's image store", dir.display())));
+        }
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(failed(format!("cannot remove {}: {e}", dir.display()))),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! One QEMU process per instance, daemonized, so VMs outlive a coordinator
+//! restart; the pid file and the instance directory are its handle.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill as send};
+use nix::unistd::Pid;
+
+use super::accel::Accel;
+use super::image::BaseImage;
+use super::{ProviderError, failed};
+use crate::providers::ProviderErrorKind;
+
+pub const OVERLAY: &str = "overlay.qcow2";
+const PIDFILE: &str = "qemu.pid";
+const CONSOLE: &str = "console.log";
+/// The base image an instance was started from, for the image step.
+pub const BASE: &str = "base.json";
+/// How much of the console an error message quotes.
+const TAIL_BYTES: u64 = 8 * 1024;
+
+pub fn qemu_binary() -> String {
+    std::env::var("KILN_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+pub fn qemu_img_binary() -> String {
+    std::env::var("KILN_QEMU_IMG").unwrap_or_else(|_| "qemu-img".into())
+}
+
+/// Fails with what to install when QEMU is missing.
+pub fn check_installed() -> Result<(), ProviderError> {
+    check_tools(&[qemu_binary(), qemu_img_binary()])
+}
+
+fn check_tools(tools: &[String]) -> Result<(), ProviderError> {
+    for tool in tools {
+        if which(tool).is_none() {
+            return Err(ProviderError::new(
+                ProviderErrorKind::Invalid,
+                format!(
+                    "{tool} is not installed: run `apt-get install qemu-system-x86 qemu-utils` (or scripts/install-deps)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    if tool.contains('/') {
+        return Path::new(tool).exists().then(|| PathBuf::from(tool));
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(tool)).find(|p| p.exists())
+}
+
+/// What one VM runs.
+pub struct VmSpec<'a> {
+    pub dir: &'a Path,
+    pub base: &'a BaseImage,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The NoCloud seed URL, ending in `/`.
+    pub seed_url: &'a str,
+    pub name: &'a str,
+}
+
+/// Creates the overlay and starts QEMU in the background.
+pub async fn start(spec: &VmSpec<'_>) -> Result<(), ProviderError> {
+    let dir = spec.dir;
+    std::fs::create_dir_all(dir).map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+    let overlay = dir.join(OVERLAY);
+    let _ = std::fs::remove_file(&overlay);
+    run(tokio::process::Command::new(qemu_img_binary())
+        .args(["create", "-q", "-f", "qcow2", "-F", &spec.base.format, "-b"])
+        .arg(&spec.base.disk)
+        .arg(&overlay))
+    .await?;
+    spec.base.save(&dir.join(BASE))?;
+
+    let ds = format!("ds=nocloud;s={}", spec.seed_url);
+    // Absolute paths throughout: a daemonized QEMU changes to `/`.
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut cmd = tokio::process::Command::new(qemu_binary());
+    cmd.current_dir(dir)
+        .args(["-name", spec.name, "-machine", "q35"])
+        .args(spec.accel.qemu_args())
+        .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()])
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-daemonize"])
+        .args(["-pidfile", &path(PIDFILE), "-serial", &format!("file:{}", path(CONSOLE))])
+        .args(["-drive", &format!("file={},format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap", path(OVERLAY))])
+        // User-mode networking with no host forwards: the VM reaches out, nothing reaches in.
+        .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"])
+        .args(["-smbios", &format!("type=1,serial={ds}")]);
+    if let Some(kernel) = &spec.base.kernel {
+        cmd.arg("-kernel").arg(kernel);
+        if let Some(initrd) = &spec.base.initrd {
+            cmd.arg("-initrd").arg(initrd);
+        }
+        let append = spec.base.append.as_deref().unwrap_or("console=ttyS0");
+        cmd.args(["-append", &format!("{append} {ds}")]);
+    }
+    run(&mut cmd).await
+}
+
+async fn run(cmd: &mut tokio::process::Command) -> Result<(), ProviderError> {
+    let out = cmd.kill_on_drop(true).output().await.map_err(|e| failed(format!("cannot run {cmd:?}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "{} failed: {}",
+            cmd.as_std().get_program().to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The pid of the instance's QEMU, if it is running.
+pub fn pid(dir: &Path) -> Option<Pid> {
+    let pid: i32 = std::fs::read_to_string(dir.join(PIDFILE)).ok()?.trim().parse().ok()?;
+    // Guard against a recycled pid: it must be QEMU started for this directory.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let ours = String::from_utf8_lossy(&cmdline).contains(&dir.join(PIDFILE).display().to_string());
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')));
+    (ours && !zombie).then(|| Pid::from_raw(pid))
+}
+
+/// Signals the instance's QEMU and waits (bounded) until it is gone.
+pub async fn kill(dir: &Path, signal: Signal) {
+    let Some(pid) = pid(dir) else { return };
+    let _ = send(pid, signal);
+    for _ in 0..100 {
+        if self::pid(dir).is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = send(pid, Signal::SIGKILL);
+}
+
+/// The last lines of the serial console.
+pub fn console_tail(dir: &Path) -> Result<String, ProviderError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = dir.join(CONSOLE);
+    let mut file = std::fs::File::open(&path).map_err(|e| {
+        ProviderError::new(ProviderErrorKind::NotFound, format!("no console at {}: {e}", path.display()))
+    })?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    Ok(String::from_utf8_lossy(&bytes).replace('\r', ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A missing QEMU is one line saying what to install.
+    #[test]
+    fn missing_qemu_says_what_to_install() {
+        let err = check_tools(&["kiln-no-such-qemu".into()]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kiln-no-such-qemu is not installed: run `apt-get install qemu-system-x86 qemu-utils` (or scripts/install-deps)"
+        );
+        assert!(check_tools(&["sh".into()]).is_ok());
+    }
+}

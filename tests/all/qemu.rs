@@ -1,0 +1,192 @@
+//! The local cloud: real VMs under QEMU booting kiln's tiny image.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_protocol::api::{Build, FailureReason, Image, Status, Step, Target};
+use kiln_tests::bed::{Bed, Options};
+use serde_json::json;
+
+fn tiny() -> String {
+    kiln_tests::tiny_image().display().to_string()
+}
+
+async fn add_qemu_cloud(bed: &Bed, name: &str, options: serde_json::Value) {
+    let cloud = json!({"name": name, "kind": "qemu", "options": options});
+    let _: serde_json::Value = bed.client.post("/v1/clouds", &cloud).await.expect("add cloud");
+}
+
+/// A generator running `script` on the tiny image (or `base`) on `clouds`.
+async fn generator(bed: &Bed, name: &str, script: &str, clouds: &[&str], base: &str) {
+    let mut spec = Bed::spec(name, script, clouds);
+    for t in spec.targets.values_mut() {
+        t.base_image = base.to_owned();
+    }
+    bed.create_generator(&spec).await;
+}
+
+fn data(bed: &Bed) -> PathBuf {
+    bed.dir.path().join("data")
+}
+
+/// Entries of a directory (none if it does not exist).
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default()
+}
+
+/// Processes whose command line names a path inside `dir` (QEMU names its instance directory).
+fn processes_in(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    entries(Path::new("/proc"))
+        .into_iter()
+        .filter_map(|p| std::fs::read(p.join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(&dir))
+        .collect()
+}
+
+fn disk_bytes(image: &Image) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(Path::new(&image.id).join("disk.qcow2"))
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(&raw).unwrap()
+}
+
+/// PEM private key blocks (a header followed by base64 lines) in `bytes`.
+fn pem_private_keys(bytes: &[u8]) -> usize {
+    memchr::memmem::find_iter(bytes, b"PRIVATE KEY-----\n")
+        .filter(|&at| {
+            let body = &bytes[at + 17..(at + 17 + 64).min(bytes.len())];
+            body.len() == 64 && body.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+        })
+        .count()
+}
+
+fn overlapped(a: &Target, b: &Target) -> bool {
+    let (a0, a1) = (a.timings.launched_at.unwrap(), a.timings.script_finished_at.unwrap());
+    let (b0, b1) = (b.timings.launched_at.unwrap(), b.timings.script_finished_at.unwrap());
+    a0 < b1 && b0 < a1
+}
+
+// A build on two local clouds boots two real VMs at once; each image keeps
+// what the script wrote, holds neither the token nor a private key, and can
+// be the base image of the next generator, whose script reads the value back.
+#[tokio::test]
+async fn local_build_bakes_the_script_into_a_bootable_image() {
+    let bed = Bed::with(Options::qemu()).await;
+    add_qemu_cloud(&bed, "local-a", json!({})).await;
+    add_qemu_cloud(&bed, "local-b", json!({})).await;
+    let proof = format!("proof-{:016x}", rand::random::<u64>());
+    let script = format!("echo {proof} > /etc/kiln-proof\necho wrote the proof\n");
+    generator(&bed, "proof", &script, &["local-a", "local-b"], &tiny()).await;
+    let build = bed.wait(&bed.start_build("proof").await).await;
+
+    assert_eq!(build.status, Status::Successful, "{build:#?}");
+    let (a, b) = (&build.targets[0], &build.targets[1]);
+    assert!(overlapped(a, b), "the two VMs ran at the same time: {:#?} {:#?}", a.timings, b.timings);
+    for t in [a, b] {
+        assert_eq!(bed.log(t.id).await, b"wrote the proof\n");
+        assert!(t.timings.sealed_at.is_some() && t.timings.image_ready_at.is_some());
+    }
+    let image = a.image.clone().expect("an image");
+    assert_eq!(image.provenance.script_sha256, build.script_sha256);
+    assert_eq!(image.provenance.base_image, tiny());
+    assert!(image.sha256.as_ref().is_some_and(|s| s.len() == 64));
+    let images: Vec<Image> = bed.client.get("/v1/images").await.unwrap();
+    assert_eq!(images.len(), 2);
+    assert!(entries(&data(&bed).join("qemu/instances")).is_empty(), "overlays were removed");
+    assert!(processes_in(&data(&bed).join("qemu")).is_empty(), "no QEMU is left running");
+
+    let bytes = disk_bytes(&image);
+    let token = bed.app().pki().tokens().token(a.id);
+    assert!(memchr::memmem::find(&bytes, token.as_bytes()).is_none(), "the enrollment token is in the image");
+    assert_eq!(pem_private_keys(&bytes), 0, "a private key is in the image");
+    assert!(memchr::memmem::find(&bytes, proof.as_bytes()).is_some(), "the script's file is in the image");
+
+    generator(&bed, "check", "cat /etc/kiln-proof\n", &["local-a"], &image.id).await;
+    let check = bed.wait(&bed.start_build("check").await).await;
+    assert_eq!(check.status, Status::Successful, "{check:#?}");
+    assert_eq!(bed.log(check.targets[0].id).await, format!("{proof}\n").as_bytes());
+}
+
+// A failing script, a killed VM and an agent that never phones home each end
+// failed with a useful error, leaving no QEMU process, overlay or image.
+#[tokio::test]
+async fn failed_local_targets_leave_nothing_behind() {
+    let bed = Bed::with(Options { agent_contact: Duration::from_secs(60), ..Options::qemu() }).await;
+    add_qemu_cloud(&bed, "local", json!({})).await;
+    add_qemu_cloud(&bed, "nowhere", json!({"coordinator_host": "10.0.2.99"})).await;
+    generator(&bed, "fails", "echo about to fail\nexit 3\n", &["local"], &tiny()).await;
+    generator(&bed, "killed", "echo started\nsleep 600\n", &["local"], &tiny()).await;
+    generator(&bed, "lost", "echo never runs\n", &["nowhere"], &tiny()).await;
+    let fails = bed.start_build("fails").await;
+    let killed = bed.start_build("killed").await;
+    let lost = bed.start_build("lost").await;
+
+    let victim = killed.targets[0].id;
+    bed.follow_until(victim, |log| log.ends_with(b"started\n")).await;
+    let pidfile = data(&bed).join(format!("qemu/instances/qemu-{victim}/qemu.pid"));
+    let pid: i32 = std::fs::read_to_string(pidfile).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let fails: Build = bed.wait(&fails).await;
+    let t = &fails.targets[0];
+    let err = t.error.as_ref().unwrap();
+    assert_eq!((err.reason, err.step), (FailureReason::ScriptFailed, Step::Run), "{err:#?}");
+    assert!(err.message.contains("exit code 3") && err.message.contains("about to fail"), "{}", err.message);
+
+    let killed: Build = bed.wait(&killed).await;
+    let err = killed.targets[0].error.as_ref().unwrap();
+    assert_eq!(err.step, Step::Run, "{err:#?}");
+    assert!(err.message.contains("the instance stopped while the script ran"), "{}", err.message);
+
+    let lost: Build = bed.wait(&lost).await;
+    let err = lost.targets[0].error.as_ref().unwrap();
+    assert_eq!((err.reason, err.step), (FailureReason::AgentUnreachable, Step::AwaitAgent), "{err:#?}");
+    assert!(err.message.contains("did not phone home within 60s"), "{}", err.message);
+    assert!(err.message.contains("kiln-boot-hook"), "the error quotes the console: {}", err.message);
+
+    for b in [&fails, &killed, &lost] {
+        assert_eq!(b.status, Status::Failed);
+        assert!(b.targets[0].image.is_none());
+    }
+    assert!(entries(&data(&bed).join("qemu/instances")).is_empty(), "no overlay is left");
+    assert!(entries(&data(&bed).join("images")).is_empty(), "no partial image is left");
+    assert!(processes_in(&data(&bed).join("qemu")).is_empty(), "no QEMU is left running");
+}
+
+// A base image that does not exist or is not a disk is refused before anything starts.
+#[tokio::test]
+async fn bad_base_images_are_refused_up_front() {
+    let bed = Bed::with(Options::qemu()).await;
+    add_qemu_cloud(&bed, "local", json!({})).await;
+    let text = bed.dir.path().join("notes.txt");
+    std::fs::write(&text, "not a disk\n").unwrap();
+    let cases = [
+        ("/nonexistent/base.qcow2", "does not exist"),
+        ("relative.qcow2", "must be an absolute path"),
+        (text.to_str().unwrap(), "is not a disk image"),
+    ];
+    for (i, (base, needle)) in cases.iter().enumerate() {
+        let name = format!("bad{i}");
+        generator(&bed, &name, "true\n", &["local"], base).await;
+        let resp = bed
+            .client
+            .request(reqwest::Method::POST, "/v1/builds")
+            .json(&json!({"generator": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "{base}");
+        let body: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
+        assert!(body.message.contains(needle), "{base}: {}", body.message);
+    }
+    let builds: Vec<Build> = bed.client.get("/v1/builds").await.unwrap();
+    assert!(builds.is_empty(), "nothing started");
+}
