@@ -57,7 +57,7 @@ impl Default for Timeouts {
             default_script: Duration::from_secs(3600),
             seal: Duration::from_secs(300),
             token_ttl: Duration::from_secs(15 * 60),
-            poll_interval: Duration::from_secs(2),
+            poll_interval: Duration::from_secs(1),
             instruction_wait: Duration::from_secs(30),
         }
     }

@@ -13,10 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-const HOOK: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../bootstrap/boot-hook/kiln-boot-hook"
-);
+const HOOK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../bootstrap/boot-hook/kiln-boot-hook");
 const BOOTSTRAP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../bootstrap");
 /// Every test runs the hook under each of these (argv before the script).
 const SHELLS: [&[&str]; 3] = [&["dash"], &["busybox", "sh"], &["bash"]];
@@ -39,10 +36,7 @@ struct Request {
 
 impl Request {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -104,16 +98,11 @@ impl Stub {
                     }
                     let Ok(stream) = stream else { continue };
                     let (route, requests, stop) = (route.clone(), requests.clone(), stop.clone());
-                    std::thread::spawn(move || serve(stream, &*route, &requests, &stop));
+                    std::thread::spawn(move || serve(stream, &route, &requests, &stop));
                 }
             })
         };
-        Stub {
-            addr,
-            requests,
-            stop,
-            acceptor: Some(acceptor),
-        }
+        Stub { addr, requests, stop, acceptor: Some(acceptor) }
     }
 
     fn url(&self) -> String {
@@ -161,20 +150,9 @@ fn serve(stream: TcpStream, route: &Route, requests: &Mutex<Vec<String>>, stop: 
             headers.push((name.trim().to_owned(), value.trim().to_owned()));
         }
     }
-    let request = Request {
-        method,
-        path,
-        version,
-        headers,
-    };
-    requests.lock().unwrap().push(format!(
-        "{} {} {}",
-        request.method, request.path, request.version
-    ));
-    let length = request
-        .header("Content-Length")
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let request = Request { method, path, version, headers };
+    requests.lock().unwrap().push(format!("{} {} {}", request.method, request.path, request.version));
+    let length = request.header("Content-Length").and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let _ = std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink());
     let mut stream = reader.into_inner();
     match route(&request) {
@@ -480,12 +458,7 @@ cases! {
 // Running a case
 
 fn body(reply: Reply, served: &AtomicUsize) -> Answer {
-    let script = |name: &str| {
-        Answer::Status(
-            200,
-            format!("#!/bin/sh\necho ran-from-{name} > \"$OUT\"\n").into_bytes(),
-        )
-    };
+    let script = |name: &str| Answer::Status(200, format!("#!/bin/sh\necho ran-from-{name} > \"$OUT\"\n").into_bytes());
     match reply {
         Reply::Script(name) => script(name),
         Reply::CloudConfig => Answer::Status(200, CLOUD_CONFIG.into()),
@@ -509,10 +482,7 @@ fn router(offers: &'static [Offer]) -> Route {
             match (*offer, req.path.as_str()) {
                 (Offer::SilentImds, _) => return Answer::Silent,
                 (Offer::Nimbus(reply), "/nimbus/latest/user-data")
-                | (
-                    Offer::NocloudCmdline(reply) | Offer::NocloudSerial(reply),
-                    "/nocloud/user-data",
-                )
+                | (Offer::NocloudCmdline(reply) | Offer::NocloudSerial(reply), "/nocloud/user-data")
                 | (Offer::Openstack(reply), "/openstack/latest/user_data")
                 | (Offer::ImdsV1(_, reply), "/latest/user-data")
                     if get =>
@@ -556,16 +526,10 @@ fn which(program: &str) -> PathBuf {
 /// A directory of symlinks to serve as the hook's whole `PATH` for `tools`.
 fn tool_dir(tools: Tools, dir: &Path) -> Option<PathBuf> {
     // Everything the hook calls besides shell builtins, plus what curl/wget/nc replace.
-    const BASICS: &[&str] = &[
-        "cat", "mkdir", "rm", "mv", "chmod", "sed", "tr", "sleep", "timeout",
-    ];
+    const BASICS: &[&str] = &["cat", "mkdir", "rm", "mv", "chmod", "sed", "tr", "sleep", "timeout"];
     let links: Vec<(&str, PathBuf)> = match tools {
         Tools::Host => return None,
-        Tools::NoCurl => BASICS
-            .iter()
-            .chain(&["wget"])
-            .map(|&name| (name, which(name)))
-            .collect(),
+        Tools::NoCurl => BASICS.iter().chain(&["wget"]).map(|&name| (name, which(name))).collect(),
         Tools::Busybox | Tools::BusyboxNoTimeout => {
             let busybox = which("busybox");
             BASICS
@@ -616,10 +580,7 @@ async fn run(case: &'static Case, shell: &'static [&'static str]) -> Result<(), 
     let config_drive = tmp.path().join("config-drive");
     for offer in case.offers {
         match *offer {
-            Offer::Nimbus(_) => write(
-                &root.join("var/nimbus-metadata-server-url"),
-                format!("  {url}/nimbus/ \n"),
-            ),
+            Offer::Nimbus(_) => write(&root.join("var/nimbus-metadata-server-url"), format!("  {url}/nimbus/ \n")),
             Offer::NocloudCmdline(_) => cmdline.push_str(&format!(" ds=nocloud;s={url}/nocloud/ splash")),
             Offer::NocloudSerial(_) => serial = format!("ds=nocloud-net;seedfrom={url}/nocloud"),
             Offer::ConfigDrive(reply) => {
@@ -664,17 +625,11 @@ async fn run(case: &'static Case, shell: &'static [&'static str]) -> Result<(), 
         .map_err(|e| format!("cannot start {}: {e}", shell[0]))?;
     let stderr = String::from_utf8_lossy(&stderr);
     let requests = stub.requests();
-    let fail = |what: String| {
-        Err(format!(
-            "{what}\nexit: {status}\nstderr:\n{stderr}\nrequests: {requests:#?}"
-        ))
-    };
+    let fail = |what: String| Err(format!("{what}\nexit: {status}\nstderr:\n{stderr}\nrequests: {requests:#?}"));
 
     let marker = std::fs::read_to_string(&out).ok();
     let saved = std::fs::read_to_string(&user_data).ok();
-    let mode = std::fs::metadata(&user_data)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o777);
+    let mode = std::fs::metadata(&user_data).ok().map(|m| m.permissions().mode() & 0o777);
     match case.expect {
         Expect::Ran(source) => {
             let ran = format!("ran-from-{source}\n");
@@ -730,9 +685,8 @@ async fn run(case: &'static Case, shell: &'static [&'static str]) -> Result<(), 
         }
     }
     // The scratch directory (IMDS token, responses) is gone, run or not.
-    let leftovers: Vec<_> = std::fs::read_dir(&user_data_dir)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&user_data_dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
     if leftovers.iter().any(|n| n.to_string_lossy().starts_with(".kiln-boot-hook")) {
         return fail(format!("left behind in {}: {leftovers:?}", user_data_dir.display()));
     }
@@ -756,12 +710,8 @@ async fn check(case: &'static Case) {
 #[test]
 fn bootstrap_is_shellcheck_clean() {
     let root = Path::new(BOOTSTRAP);
-    let posix = [
-        "boot-hook/kiln-boot-hook",
-        "boot-hook/kiln-boot-hook.init",
-        "templates/user-data.sh",
-    ]
-    .map(|p| root.join(p));
+    let posix =
+        ["boot-hook/kiln-boot-hook", "boot-hook/kiln-boot-hook.init", "templates/user-data.sh"].map(|p| root.join(p));
     let mut others = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -780,11 +730,7 @@ fn bootstrap_is_shellcheck_clean() {
         runs.push((vec![], others));
     }
     for (args, files) in runs {
-        let output = Command::new("shellcheck")
-            .args(args)
-            .args(&files)
-            .output()
-            .expect("shellcheck is not installed");
+        let output = Command::new("shellcheck").args(args).args(&files).output().expect("shellcheck is not installed");
         assert!(
             output.status.success(),
             "shellcheck {files:?}:\n{}{}",

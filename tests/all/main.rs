@@ -2,6 +2,7 @@
 //! Each test starts its own coordinator on loopback ports (see `kiln_tests::bed`).
 
 mod api_errors;
+mod boot_hook;
 mod builds;
 mod cli;
 mod enrollment;

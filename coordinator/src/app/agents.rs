@@ -181,14 +181,11 @@ impl App {
         }
     }
 
-    /// The agent has sealed the machine and is powering off.
+    /// The agent has sealed the machine and is powering off. The seal step
+    /// ends when the cloud reports the instance stopped; this is for the log.
     pub async fn sealing(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<(), AppError> {
-        self.authorize(peer, target)?;
-        self.0.store.update_target(target, |r| {
-            r.timings.sealed_at.get_or_insert(Timestamp::now());
-        })?;
-        self.0.store.flush().await?;
-        self.notify();
+        let t = self.authorize(peer, target)?;
+        tracing::info!(build = %t.build, target = %target, "agent sealed the machine and is powering off");
         Ok(())
     }
 

@@ -289,8 +289,10 @@ async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Resu
         }
         tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
+    // Sealed means powered off: the phase ends when the instance has stopped.
+    let stopped = Timestamp::now();
     advance(app, t, |r| {
-        r.timings.sealed_at.get_or_insert(Timestamp::now());
+        r.timings.sealed_at = Some(stopped);
         r.step = Step::Snapshot;
     })
     .await?;
