@@ -14,13 +14,33 @@ use crate::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 pub enum CloudKind {
     /// Local VMs under QEMU on the coordinator's machine.
     Qemu,
+    /// Amazon EC2, or an EC2-compatible cloud (Nimbus, Eucalyptus) at `endpoint`.
+    Ec2,
 }
 
 impl CloudKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             CloudKind::Qemu => "qemu",
+            CloudKind::Ec2 => "ec2",
         }
+    }
+}
+
+/// An access key for a cloud's API. Write-only: the API never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloudCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for CloudCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
     }
 }
 
@@ -39,6 +59,10 @@ pub struct Cloud {
     /// Kind-specific settings; the provider rejects keys it does not know.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
+    /// An access key kiln keeps for this cloud (else the provider's standard
+    /// credential chain is used). Accepted on create, never returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<CloudCredentials>,
 }
 
 /// A generator as the user writes it: one script, and per cloud where to start.

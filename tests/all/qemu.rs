@@ -75,8 +75,9 @@ fn overlapped(a: &Target, b: &Target) -> bool {
 }
 
 // A build on two local clouds boots two real VMs at once; each image keeps
-// what the script wrote, holds neither the token nor a private key, and can
-// be the base image of the next generator, whose script reads the value back.
+// what the script wrote, holds neither the token nor a private key, can be
+// the base image of the next generator (whose script reads the value back),
+// and can be deleted.
 #[tokio::test]
 async fn local_build_bakes_the_script_into_a_bootable_image() {
     let bed = Bed::with(Options::qemu()).await;
@@ -113,6 +114,13 @@ async fn local_build_bakes_the_script_into_a_bootable_image() {
     let check = bed.wait(&bed.start_build("check").await).await;
     assert_eq!(check.status, Status::Successful, "{check:#?}");
     assert_eq!(bed.log(check.targets[0].id).await, format!("{proof}\n").as_bytes());
+
+    // Images are first-class: deleting one removes it from the store and the disk.
+    bed.client.delete(&format!("/v1/images/{}", image.name)).await.unwrap();
+    assert!(!Path::new(&image.id).exists(), "the image directory was deleted");
+    let images: Vec<Image> = bed.client.get("/v1/images").await.unwrap();
+    assert_eq!(images.len(), 2, "b's image and the check's image remain");
+    assert!(images.iter().all(|i| i.name != image.name));
 }
 
 // A failing script, a killed VM and an agent that never phones home each end

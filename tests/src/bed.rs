@@ -99,6 +99,7 @@ impl Bed {
             region: None,
             endpoint: None,
             options: BTreeMap::new(),
+            credentials: None,
         };
         let _: Cloud = self.client.post("/v1/clouds", &cloud).await.expect("add cloud");
     }

@@ -65,7 +65,10 @@ impl App {
                     cloud.kind.as_str()
                 ))
             })?;
-            provider.preflight(&cloud, spec).await.map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
+            provider
+                .preflight(&self.with_credentials(&cloud)?, spec)
+                .await
+                .map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
             targets.push(TargetRecord {
                 id: TargetId::generate(),
                 build: build_id,

@@ -12,7 +12,17 @@ impl App {
                 return Err(AppError::BadRequest(format!("{what} is empty: give a value or leave it out")));
             }
         }
+        let mut cloud = cloud;
+        let credentials = cloud.credentials.take();
+        if let Some(c) = &credentials {
+            if c.access_key_id.trim().is_empty() || c.secret_access_key.is_empty() {
+                return Err(AppError::BadRequest("credentials need an access_key_id and a secret_access_key".into()));
+            }
+        }
         self.0.store.insert_cloud(&cloud)?;
+        if let Some(c) = &credentials {
+            self.0.store.put_credentials(&cloud.name, c)?;
+        }
         self.0.store.flush().await?;
         Ok(cloud)
     }
@@ -26,6 +36,13 @@ impl App {
             .store
             .cloud(name)?
             .ok_or_else(|| AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`"))
+    }
+
+    /// `cloud` with its stored credentials, for the provider's calls only.
+    pub(crate) fn with_credentials(&self, cloud: &Cloud) -> Result<Cloud, AppError> {
+        let mut cloud = cloud.clone();
+        cloud.credentials = self.0.store.credentials(&cloud.name)?;
+        Ok(cloud)
     }
 
     pub async fn remove_cloud(&self, name: &CloudName) -> Result<(), AppError> {

@@ -28,15 +28,16 @@ pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::R
 
 async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow::Result<()> {
     match command {
-        CloudCommand::Add { name, kind, region, endpoint, options } => {
+        CloudCommand::Add { name, kind, region, endpoint, options, access_key_id } => {
             let kind: CloudKind = serde_json::from_value(serde_json::Value::String(kind.clone()))
-                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu"))?;
+                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu, ec2"))?;
             let mut opts = BTreeMap::new();
             for o in options {
                 let (k, v) = o.split_once('=').with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
                 opts.insert(k.to_owned(), v.to_owned());
             }
-            let cloud = Cloud { name: name.parse()?, kind, region, endpoint, options: opts };
+            let credentials = credentials_from(access_key_id)?;
+            let cloud = Cloud { name: name.parse()?, kind, region, endpoint, options: opts, credentials };
             let c: Cloud = client.post("/v1/clouds", &cloud).await?;
             print(output, &c, cloud_table);
         }
@@ -457,4 +458,17 @@ fn human_bytes(n: u64) -> String {
         .find(|(_, size)| n >= *size)
         .map(|(unit, size)| format!("{:.1} {unit}", n as f64 / *size as f64))
         .unwrap_or_else(|| format!("{n} B"))
+}
+
+/// The access key to store with a cloud: the id from the command line, the
+/// secret from KILN_SECRET_ACCESS_KEY or a prompt that does not echo.
+fn credentials_from(access_key_id: Option<String>) -> anyhow::Result<Option<kiln_protocol::api::CloudCredentials>> {
+    let Some(access_key_id) = access_key_id else { return Ok(None) };
+    let secret_access_key = match std::env::var("KILN_SECRET_ACCESS_KEY") {
+        Ok(s) => s,
+        Err(_) => rpassword::prompt_password(format!("secret access key for {access_key_id}: "))
+            .context("cannot read the secret access key")?,
+    };
+    anyhow::ensure!(!secret_access_key.is_empty(), "the secret access key is empty");
+    Ok(Some(kiln_protocol::api::CloudCredentials { access_key_id, secret_access_key }))
 }

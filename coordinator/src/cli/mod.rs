@@ -70,16 +70,21 @@ pub enum CloudCommand {
     /// Add a cloud.
     Add {
         name: String,
-        /// The provider: qemu.
+        /// The provider: qemu or ec2 (also for EC2-compatible clouds such as Nimbus).
         #[arg(long)]
         kind: String,
         #[arg(long)]
         region: Option<String>,
+        /// The API endpoint (EC2-compatible clouds).
         #[arg(long)]
         endpoint: Option<String>,
         /// A provider-specific setting, KEY=VALUE (repeatable).
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
+        /// Store an access key for this cloud; the secret is read from
+        /// KILN_SECRET_ACCESS_KEY or asked for without echo.
+        #[arg(long)]
+        access_key_id: Option<String>,
     },
     /// List clouds.
     List,

@@ -51,6 +51,7 @@ pub async fn run(args: OneShotArgs, output: Output, start: StartArgs) -> anyhow:
                 region: None,
                 endpoint: None,
                 options: Default::default(),
+                credentials: None,
             };
             let _: Cloud = client.post("/v1/clouds", &cloud).await?;
         }

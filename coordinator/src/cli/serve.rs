@@ -13,6 +13,7 @@ use kiln_protocol::api::CloudKind;
 
 use crate::config::Config;
 use crate::providers::Providers;
+use crate::providers::ec2::Ec2Provider;
 use crate::providers::qemu::QemuProvider;
 use crate::server::{Listeners, Server};
 
@@ -69,5 +70,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The providers compiled into kiln.
 pub fn builtin_providers(config: &Config) -> Providers {
-    Providers::new().with(CloudKind::Qemu, Arc::new(QemuProvider::new(&config.data_dir)))
+    Providers::new()
+        .with(CloudKind::Qemu, Arc::new(QemuProvider::new(&config.data_dir)))
+        .with(CloudKind::Ec2, Arc::new(Ec2Provider::new()))
 }

@@ -5,11 +5,13 @@
 //! target returns the same instance, and `terminate` / `delete_image` treat
 //! "not found" as success.
 
+pub mod ec2;
 pub mod qemu;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use kiln_protocol::agent::Instruction;
@@ -169,6 +171,12 @@ pub trait Provider: Send + Sync + 'static {
     fn endpoints(&self, cloud: &Cloud, served: &Served) -> AgentEndpoints {
         let host = cloud.options.get("coordinator_host").unwrap_or(&served.public_host);
         AgentEndpoints::at(host, served)
+    }
+
+    /// How often the workflow asks this cloud about an instance; `None` for
+    /// the coordinator's default. Each ask may be an API call.
+    fn poll_interval(&self, _cloud: &Cloud) -> Option<Duration> {
+        None
     }
 
     /// What the agent is told after a successful script: `Seal` on real

@@ -9,7 +9,7 @@ pub mod records;
 
 use std::path::Path;
 
-use kiln_protocol::api::{Cloud, GeneratorSpec, Image, Revision};
+use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, Image, Revision};
 use kiln_protocol::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -62,6 +62,8 @@ pub struct Store {
     tokens: Tree,
     certs: Tree,
     images: Tree,
+    /// Cloud access keys, apart from the clouds so no view can carry them.
+    secrets: Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -135,6 +137,7 @@ impl Store {
             tokens: db.open_tree("tokens")?,
             certs: db.open_tree("certs")?,
             images: db.open_tree("images")?,
+            secrets: db.open_tree("secrets")?,
             db,
         })
     }
@@ -163,9 +166,19 @@ impl Store {
         self.clouds.iter().values().map(|v| decode("clouds", &v?)).collect()
     }
 
-    /// Removes a cloud; false when there was none.
+    /// Removes a cloud and its credentials; false when there was none.
     pub fn remove_cloud(&self, name: &CloudName) -> Result<bool, StoreError> {
+        self.secrets.remove(name.as_str())?;
         Ok(self.clouds.remove(name.as_str())?.is_some())
+    }
+
+    pub fn put_credentials(&self, name: &CloudName, credentials: &CloudCredentials) -> Result<(), StoreError> {
+        self.secrets.insert(name.as_str(), encode(credentials))?;
+        Ok(())
+    }
+
+    pub fn credentials(&self, name: &CloudName) -> Result<Option<CloudCredentials>, StoreError> {
+        self.secrets.get(name.as_str())?.map(|v| decode("secrets", &v)).transpose()
     }
 
     // ---- generators and revisions

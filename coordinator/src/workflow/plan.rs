@@ -61,6 +61,7 @@ mod tests {
                 region: None,
                 endpoint: None,
                 options: Default::default(),
+                credentials: None,
             },
             spec: TargetSpec {
                 base_image: "base".into(),

@@ -23,6 +23,7 @@ const TAIL_LINES: usize = 20;
 
 pub(super) async fn run(app: &App, t: &TargetRecord, step: Step) -> Result<(), StepError> {
     let provider = provider(app, t)?;
+    let t = &with_credentials(app, t)?;
     match step {
         Step::Launch => launch(app, t, &provider).await,
         Step::AwaitAgent => await_agent(app, t, &provider).await,
@@ -41,6 +42,13 @@ pub(super) fn provider(app: &App, t: &TargetRecord) -> Result<Arc<dyn Provider>,
             format!("this coordinator has no provider for clouds of kind {}", t.cloud.kind.as_str()),
         )
     })
+}
+
+/// The target with its cloud's credentials, which live apart from any record.
+pub(super) fn with_credentials(app: &App, t: &TargetRecord) -> Result<TargetRecord, StepError> {
+    let mut t = t.clone();
+    t.cloud = app.with_credentials(&t.cloud)?;
+    Ok(t)
 }
 
 /// Retries transient provider errors with backoff; others fail the target.
@@ -133,7 +141,7 @@ async fn wait_for(
     on_timeout: impl Fn(String) -> StepError,
 ) -> Result<TargetRecord, StepError> {
     let instance = instance(t)?;
-    let poll = app.0.config.timeouts.poll_interval;
+    let poll = provider.poll_interval(&t.cloud).unwrap_or(app.0.config.timeouts.poll_interval);
     let mut rx = app.0.changes.subscribe();
     let mut next_poll = Instant::now() + poll;
     loop {
@@ -260,7 +268,7 @@ async fn run_script(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -
 async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     let instance = instance(t)?;
     let limit = app.0.config.timeouts.seal;
-    let poll = app.0.config.timeouts.poll_interval;
+    let poll = provider.poll_interval(&t.cloud).unwrap_or(app.0.config.timeouts.poll_interval);
     let mut deadline = remaining(t.timings.script_finished_at, limit);
     let mut forced = false;
     loop {

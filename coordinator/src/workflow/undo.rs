@@ -4,13 +4,14 @@ use kiln_protocol::Timestamp;
 use kiln_protocol::agent::Instruction;
 use kiln_protocol::api::{FailureReason, Status};
 
-use super::steps::{call, provider};
+use super::steps::{call, provider, with_credentials};
 use super::{StepError, plan};
 use crate::app::App;
 use crate::providers::{ImageId, InstanceId};
 use crate::store::records::TargetRecord;
 
 pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError> {
+    let t = &with_credentials(app, t)?;
     let undo = plan::undo(t);
     let mut problems = Vec::new();
     // Tell a live agent to stop before its instance goes away.

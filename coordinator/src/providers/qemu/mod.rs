@@ -186,11 +186,7 @@ impl Provider for QemuProvider {
     async fn terminate(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {
         let dir = self.instance_dir(instance);
         vm::kill(&dir, nix::sys::signal::Signal::SIGKILL).await;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(failed(format!("cannot remove {}: {e}", dir.display()))),
-        }
+        remove_dir(&dir)
     }
 
     async fn delete_image(&self, _cloud: &Cloud, image: &ImageId) -> Result<(), ProviderError> {
@@ -198,10 +194,15 @@ impl Provider for QemuProvider {
         if !dir.starts_with(&self.images) {
             return Err(invalid(format!("{} is not in kiln's image store", dir.display())));
         }
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(failed(format!("cannot remove {}: {e}", dir.display()))),
-        }
+        remove_dir(dir)
+    }
+}
+
+/// Removes a directory tree; one that is already gone counts as removed.
+fn remove_dir(dir: &Path) -> Result<(), ProviderError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(failed(format!("cannot remove {}: {e}", dir.display()))),
     }
 }
