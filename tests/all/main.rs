@@ -5,6 +5,8 @@ mod api_errors;
 mod boot_hook;
 mod builds;
 mod cli;
+mod ec2;
+mod ec2_bed;
 mod enrollment;
 mod openapi;
 mod qemu;

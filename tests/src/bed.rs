@@ -221,6 +221,8 @@ fn config(dir: &TempDir, opts: &Options) -> Config {
     let mut config = Config::new(dir.path().join("data"));
     // QEMU guests see the host's loopback at 10.0.2.2; the process provider uses 127.0.0.1.
     config.public_host = "10.0.2.2".into();
+    // EC2 test-bed VMs see the host at 169.254.169.2 (their metadata network).
+    config.server_names = vec!["169.254.169.2".into()];
     config.agent_binary = crate::agent_binary();
     config.timeouts.poll_interval = Duration::from_millis(100);
     config.timeouts.token_ttl = opts.token_ttl;
@@ -239,6 +241,17 @@ fn providers(provider: &Arc<ProcessProvider>, config: &Config, opts: &Options) -
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        // A failed test must not leave VMs running: kill any QEMU started under this bed.
+        let dir = self.dir.path().display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with("qemu-system") && cmdline.contains(&dir) {
+                tracing::warn!(pid, "killing a QEMU left running by a test");
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         for id in self.provider.live_instances() {
             tracing::warn!(instance = %id, "instance left running at the end of a test");
         }

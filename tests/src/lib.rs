@@ -8,6 +8,7 @@
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
+pub mod ec2;
 pub mod process;
 pub mod proxy;
 

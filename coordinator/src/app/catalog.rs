@@ -14,10 +14,8 @@ impl App {
         }
         let mut cloud = cloud;
         let credentials = cloud.credentials.take();
-        if let Some(c) = &credentials {
-            if c.access_key_id.trim().is_empty() || c.secret_access_key.is_empty() {
-                return Err(AppError::BadRequest("credentials need an access_key_id and a secret_access_key".into()));
-            }
+        if credentials.as_ref().is_some_and(|c| c.access_key_id.trim().is_empty() || c.secret_access_key.is_empty()) {
+            return Err(AppError::BadRequest("credentials need an access_key_id and a secret_access_key".into()));
         }
         self.0.store.insert_cloud(&cloud)?;
         if let Some(c) = &credentials {

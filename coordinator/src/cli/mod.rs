@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use client::Client;
+pub use commands::phases;
 pub use generator_file::GeneratorFile;
 pub use serve::builtin_providers;
 

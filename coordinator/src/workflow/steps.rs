@@ -99,7 +99,7 @@ fn remaining(since: Option<Timestamp>, limit: Duration) -> Instant {
 }
 
 async fn launch(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
-    let t = &advance(app, t, |r| r.status = Status::Running).await?;
+    advance(app, t, |r| r.status = Status::Running).await?;
     let token = app.0.pki.tokens().token(t.id);
     let expires_at = Timestamp::now() + app.0.config.timeouts.token_ttl;
     app.0.store.offer_token(&TokenHash::of(&token).0, &TokenRecord { target: t.id, expires_at })?;

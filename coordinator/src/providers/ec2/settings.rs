@@ -38,10 +38,10 @@ impl Settings {
             cloud.region.clone().filter(|r| !r.trim().is_empty()).ok_or_else(|| {
                 invalid(format!("cloud {} has no region: give one, e.g. --region us-east-1", cloud.name))
             })?;
-        if let Some(ep) = &cloud.endpoint {
-            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
-                return Err(invalid(format!("the endpoint {ep:?} is not an http(s) URL")));
-            }
+        if let Some(ep) =
+            cloud.endpoint.as_ref().filter(|ep| !(ep.starts_with("http://") || ep.starts_with("https://")))
+        {
+            return Err(invalid(format!("the endpoint {ep:?} is not an http(s) URL")));
         }
         let secs = |key: &str, default: f64| -> Result<Duration, ProviderError> {
             match cloud.options.get(key) {

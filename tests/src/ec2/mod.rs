@@ -1,0 +1,65 @@
+//! The EC2 test bed: moto is the EC2 API, and a runner makes its instances real.
+//!
+//! - [`Moto`]: `moto_server` on a loopback port, plus SDK clients for it.
+//! - [`Runner`]: watches moto and boots every `running` instance as a QEMU VM
+//!   whose metadata service (IMDSv2, or Nimbus's) serves that instance's
+//!   user-data; keeps moto's instance state in step with the VM.
+//! - [`FaultProxy`]: an HTTP proxy in front of moto that counts API calls,
+//!   injects throttling, errors and pending states, and can answer
+//!   GetConsoleOutput with the VMs' real consoles.
+//!
+//! The guest reaches the host's loopback at 169.254.169.2 (QEMU's slirp host
+//! address on 169.254.169.0/24), so a coordinator under test advertises that host.
+
+mod faults;
+mod http;
+mod imds;
+mod moto;
+mod runner;
+mod vm;
+
+pub use faults::{Fault, FaultProxy};
+pub use imds::ImdsStats;
+pub use moto::Moto;
+pub use runner::{Consoles, Metadata, Runner, RunnerConfig};
+
+use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ec2::types::{ArchitectureValues, BlockDeviceMapping, EbsBlockDevice};
+
+/// Where the guest sees the host's loopback (QEMU user networking's host address).
+pub const GUEST_HOST: &str = "169.254.169.2";
+
+/// An EC2 client for `region` at `endpoint` (moto or a [`FaultProxy`]), with
+/// credentials test/test and the SDK's standard retries.
+pub fn client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    let http = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https();
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("test", "test", None, None, "kiln-tests"))
+        .retry_config(aws_sdk_ec2::config::retry::RetryConfig::standard())
+        .http_client(http)
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+/// Registers an AMI named `name` (root /dev/xvda on EBS) and returns its id: a
+/// base image for [`RunnerConfig::images`] to map to a local disk.
+pub async fn register_ami(client: &aws_sdk_ec2::Client, name: &str) -> anyhow::Result<String> {
+    let root = BlockDeviceMapping::builder()
+        .device_name("/dev/xvda")
+        .ebs(EbsBlockDevice::builder().volume_size(8).delete_on_termination(true).build())
+        .build();
+    let out = client
+        .register_image()
+        .name(name)
+        .architecture(ArchitectureValues::X8664)
+        .virtualization_type("hvm")
+        .root_device_name("/dev/xvda")
+        .block_device_mappings(root)
+        .send()
+        .await?;
+    out.image_id.ok_or_else(|| anyhow::anyhow!("RegisterImage returned no image id"))
+}
