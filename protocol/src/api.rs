@@ -16,6 +16,8 @@ pub enum CloudKind {
     Qemu,
     /// Amazon EC2, or an EC2-compatible cloud (Nimbus, Eucalyptus) at `endpoint`.
     Ec2,
+    /// An OpenStack cloud: Keystone v3 at `endpoint`, Nova and Glance from its catalog.
+    Openstack,
 }
 
 impl CloudKind {
@@ -23,24 +25,41 @@ impl CloudKind {
         match self {
             CloudKind::Qemu => "qemu",
             CloudKind::Ec2 => "ec2",
+            CloudKind::Openstack => "openstack",
         }
     }
 }
 
-/// An access key for a cloud's API. Write-only: the API never shows it.
+/// A secret kiln keeps for a cloud's API. Write-only: the API never shows it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CloudCredentials {
-    pub access_key_id: String,
-    pub secret_access_key: String,
+#[serde(untagged, deny_unknown_fields)]
+pub enum CloudCredentials {
+    /// EC2: an access key.
+    AccessKey { access_key_id: String, secret_access_key: String },
+    /// OpenStack: the password of the cloud's `user`.
+    Password { password: String },
 }
 
 impl std::fmt::Debug for CloudCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CloudCredentials")
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &"<redacted>")
-            .finish()
+        match self {
+            Self::AccessKey { access_key_id, .. } => {
+                write!(f, "AccessKey {{ access_key_id: {access_key_id:?}, secret_access_key: <redacted> }}")
+            }
+            Self::Password { .. } => f.write_str("Password { <redacted> }"),
+        }
+    }
+}
+
+/// A password given with one build for a cloud that asks every time. It
+/// lives in the coordinator's memory for that build only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
@@ -134,6 +153,10 @@ pub struct BuildRequest {
     /// The clouds to build on; all of the generator's clouds when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clouds: Vec<CloudName>,
+    /// Passwords of the clouds that ask for theirs at every build. Kept in
+    /// memory for this build only: never stored, logged or shown.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub passwords: BTreeMap<CloudName, Secret>,
 }
 
 /// The state of a build or of one of its targets.

@@ -95,7 +95,7 @@ fn tag<'a>(image: &'a aws_sdk_ec2::types::Image, key: &str) -> Option<&'a str> {
 async fn build_on_two_regions_makes_tagged_images() {
     let env = Ec2Bed::start(&["us-east-1", "eu-west-1"], Metadata::Imds).await;
     let east = env.cloud("east", "us-east-1", json!({})).await;
-    let _west = env.cloud("west", "eu-west-1", json!({})).await;
+    let _west = env.cloud("west", "eu-west-1", json!({"copy_to_regions": "us-west-2"})).await;
     // East is throttled and slow: kiln retries with backoff and polls through pending states.
     east.inject("RunInstances", Fault::Throttle { times: 2 });
     east.inject("DescribeInstances", Fault::Pending { times: 4 });
@@ -124,6 +124,12 @@ async fn build_on_two_regions_makes_tagged_images() {
         let console = env.runner.console(instance).unwrap_or_default();
         assert!(console.contains("ec2-imdsv2"), "user-data came over IMDSv2: {console}");
     }
+    // West's image was copied to us-west-2 with its tags.
+    let west = build.targets.iter().find(|t| t.cloud.as_str() == "west").unwrap();
+    let copies = env.moto.client("us-west-2").describe_images().owners("self").send().await.unwrap();
+    let copy = copies.images().first().expect("a copy in us-west-2");
+    assert_eq!(tag(copy, "kiln:source-image"), west.image.as_ref().map(|i| i.id.as_str()));
+    assert_eq!(tag(copy, "kiln:target"), Some(west.id.to_string().as_str()));
     let calls = east.calls();
     eprintln!("EC2 API calls of one target: {calls:?} = {}", calls.values().sum::<usize>());
     assert_eq!(calls["RunInstances"], 3, "two throttled attempts, then the launch");
@@ -238,4 +244,48 @@ async fn restart_after_run_instances_launches_no_second_instance() {
     let count = all.reservations().iter().flat_map(|r| r.instances()).count();
     assert_eq!(count, 1, "exactly one instance was launched for the target");
     assert_eq!(env.runner.booted().len(), 1);
+}
+
+// A cloud or base image EC2 refuses stops the build before anything starts,
+// with EC2's own code and what to fix, one case per line.
+#[tokio::test]
+async fn bad_ec2_input_is_refused_with_the_clouds_code() {
+    let env = Ec2Bed::start(&["us-east-1"], Metadata::Imds).await;
+    let good = env.cloud("good", "us-east-1", json!({})).await;
+    let denied = env.cloud("denied", "us-east-1", json!({})).await;
+    denied.inject("DescribeImages", error(1, 401, "AuthFailure"));
+    let nowhere = json!({"name": "nowhere", "kind": "ec2", "region": "us-east-1", "endpoint": "http://127.0.0.1:1",
+        "credentials": {"access_key_id": "test", "secret_access_key": "x"}});
+    let _: serde_json::Value = env.bed.client.post("/v1/clouds", &nowhere).await.unwrap();
+    let regionless = json!({"name": "regionless", "kind": "ec2", "endpoint": good.url});
+    let _: serde_json::Value = env.bed.client.post("/v1/clouds", &regionless).await.unwrap();
+    let ami = env.amis["us-east-1"].clone();
+    let cases = [
+        ("good", "ami-0123456789abcdef0", "InvalidAMIID.NotFound"),
+        (
+            "denied",
+            ami.as_str(),
+            "AuthFailure: checking the base image: injected AuthFailure; check the cloud's access key",
+        ),
+        ("nowhere", ami.as_str(), "cannot reach the EC2 endpoint"),
+        ("regionless", ami.as_str(), "has no region"),
+    ];
+    for (i, (cloud, base, needle)) in cases.iter().enumerate() {
+        let name = format!("bad{i}");
+        let mut spec = Bed::spec(&name, "true\n", &[cloud]);
+        spec.targets.values_mut().for_each(|t| t.base_image = base.to_string());
+        env.bed.create_generator(&spec).await;
+        let resp = env
+            .bed
+            .client
+            .request(reqwest::Method::POST, "/v1/builds")
+            .json(&json!({"generator": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "{cloud}");
+        let body: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
+        assert!(body.message.contains(needle), "{cloud}: {}", body.message);
+    }
+    assert!(env.live_instances("us-east-1").await.is_empty(), "nothing was launched");
 }

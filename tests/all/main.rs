@@ -9,6 +9,8 @@ mod ec2;
 mod ec2_bed;
 mod enrollment;
 mod openapi;
+mod openstack;
+mod openstack_bed;
 mod qemu;
 mod resilience;
 mod user_data;

@@ -132,7 +132,12 @@ impl Bed {
     }
 
     pub async fn start_build(&self, generator: &str) -> Build {
-        let req = BuildRequest { generator: generator.parse().unwrap(), revision: None, clouds: vec![] };
+        let req = BuildRequest {
+            generator: generator.parse().unwrap(),
+            revision: None,
+            clouds: vec![],
+            passwords: BTreeMap::new(),
+        };
         self.client.post("/v1/builds", &req).await.expect("start build")
     }
 

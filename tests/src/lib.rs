@@ -9,6 +9,7 @@
 
 pub mod bed;
 pub mod ec2;
+pub mod openstack;
 pub mod process;
 pub mod proxy;
 
@@ -55,7 +56,31 @@ pub fn tiny_image() -> PathBuf {
 }
 
 /// Logs of the code under test, shown for failing tests (`KILN_LOG` filters).
+/// Everything logged is also kept in memory, so a test can search the logs
+/// (for a secret that must never appear in them).
 pub fn init_tracing() {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
     let filter = std::env::var("KILN_LOG").unwrap_or_else(|_| "info,kiln_coordinator=debug".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    let writer = tracing_subscriber::fmt::TestWriter::new().and(|| CapturedLogs);
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(writer).try_init();
+}
+
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// The bytes every test of this process has logged so far.
+pub fn captured_logs() -> Vec<u8> {
+    LOGS.lock().unwrap().clone()
+}
+
+struct CapturedLogs;
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

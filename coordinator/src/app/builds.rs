@@ -65,10 +65,17 @@ impl App {
                     cloud.kind.as_str()
                 ))
             })?;
-            provider
-                .preflight(&self.with_credentials(&cloud)?, spec)
-                .await
-                .map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
+            let mut checked = self.with_credentials(&cloud, None).ok().unwrap_or_else(|| cloud.clone());
+            if super::catalog::asks_password(&cloud) {
+                let password = req.passwords.get(name).filter(|p| !p.0.is_empty()).ok_or_else(|| {
+                    AppError::BadRequest(format!(
+                        "cloud {name} asks for its password at every build: give it (`kiln build start` asks for it; the API takes it in `passwords`)"
+                    ))
+                })?;
+                checked.credentials =
+                    Some(kiln_protocol::api::CloudCredentials::Password { password: password.0.clone() });
+            }
+            provider.preflight(&checked, spec).await.map_err(|e| AppError::BadRequest(format!("cloud {name}: {e}")))?;
             targets.push(TargetRecord {
                 id: TargetId::generate(),
                 build: build_id,
@@ -99,6 +106,14 @@ impl App {
             targets: targets.iter().map(|t| t.id).collect(),
             cancel_requested: false,
         };
+        let asked: std::collections::HashMap<_, _> = req
+            .passwords
+            .into_iter()
+            .filter(|(c, _)| targets.iter().any(|t| &t.cloud.name == c && super::catalog::asks_password(&t.cloud)))
+            .collect();
+        if !asked.is_empty() {
+            self.0.build_secrets.lock().expect("secrets poisoned").insert(build_id, asked);
+        }
         self.0.store.insert_build(&build, &targets)?;
         self.0.store.flush().await?;
         tracing::info!(build = %build_id, generator = %rev.generator, revision = rev.number, "build started");

@@ -1,7 +1,7 @@
 //! Clouds and generators: what a build is made from.
 
-use kiln_protocol::api::{Cloud, GeneratorSpec, GeneratorSummary, Revision};
-use kiln_protocol::{CloudName, GeneratorName, Timestamp};
+use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, GeneratorSummary, Revision};
+use kiln_protocol::{BuildId, CloudName, GeneratorName, Timestamp};
 
 use super::{App, AppError, script_sha256};
 
@@ -14,8 +14,15 @@ impl App {
         }
         let mut cloud = cloud;
         let credentials = cloud.credentials.take();
-        if credentials.as_ref().is_some_and(|c| c.access_key_id.trim().is_empty() || c.secret_access_key.is_empty()) {
-            return Err(AppError::BadRequest("credentials need an access_key_id and a secret_access_key".into()));
+        let empty = match &credentials {
+            Some(CloudCredentials::AccessKey { access_key_id, secret_access_key }) => {
+                access_key_id.trim().is_empty() || secret_access_key.is_empty()
+            }
+            Some(CloudCredentials::Password { password }) => password.is_empty(),
+            None => false,
+        };
+        if empty {
+            return Err(AppError::BadRequest("the credentials have an empty field: give every value".into()));
         }
         self.0.store.insert_cloud(&cloud)?;
         if let Some(c) = &credentials {
@@ -36,11 +43,34 @@ impl App {
             .ok_or_else(|| AppError::not_found(format!("cloud {name}"), "list them with `kiln cloud list`"))
     }
 
-    /// `cloud` with its stored credentials, for the provider's calls only.
-    pub(crate) fn with_credentials(&self, cloud: &Cloud) -> Result<Cloud, AppError> {
+    /// `cloud` with its credentials, for the provider's calls only: the
+    /// password given with `build` for a cloud that asks every time, else the
+    /// stored credentials.
+    pub(crate) fn with_credentials(&self, cloud: &Cloud, build: Option<BuildId>) -> Result<Cloud, AppError> {
         let mut cloud = cloud.clone();
-        cloud.credentials = self.0.store.credentials(&cloud.name)?;
+        cloud.credentials = if asks_password(&cloud) {
+            let secrets = self.0.build_secrets.lock().expect("secrets poisoned");
+            let password = build.and_then(|b| secrets.get(&b)?.get(&cloud.name).cloned()).ok_or_else(|| {
+                AppError::Unavailable(format!(
+                    "cloud {} asks for its password at every build, and this build's password is gone (the coordinator restarted)",
+                    cloud.name
+                ))
+            })?;
+            Some(CloudCredentials::Password { password: password.0 })
+        } else {
+            self.0.store.credentials(&cloud.name)?
+        };
         Ok(cloud)
+    }
+
+    /// Forgets a build's passwords once all its targets have ended.
+    pub(crate) fn forget_secrets_if_done(&self, build: BuildId) {
+        let done = self.0.store.build(build).ok().flatten().is_none_or(|b| {
+            b.targets.iter().all(|t| self.0.store.target(*t).ok().flatten().is_none_or(|t| t.status.is_terminal()))
+        });
+        if done && self.0.build_secrets.lock().expect("secrets poisoned").remove(&build).is_some() {
+            tracing::info!(%build, "build ended: its passwords are forgotten");
+        }
     }
 
     pub async fn remove_cloud(&self, name: &CloudName) -> Result<(), AppError> {
@@ -148,4 +178,9 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// Whether a cloud's password must be given with every build (never stored).
+pub fn asks_password(cloud: &Cloud) -> bool {
+    cloud.options.get("ask_password").is_some_and(|v| v == "true")
 }

@@ -30,9 +30,9 @@ impl App {
             self.0.providers.get(cloud.kind).ok_or_else(|| {
                 AppError::Unavailable(format!("no provider for clouds of kind {}", cloud.kind.as_str()))
             })?;
-        provider.delete_image(&self.with_credentials(&cloud)?, &ImageId(image.id.clone())).await.map_err(|e| {
-            AppError::Conflict(format!("cloud {} could not delete image {}: {e}", cloud.name, image.id))
-        })?;
+        provider.delete_image(&self.with_credentials(&cloud, None)?, &ImageId(image.id.clone())).await.map_err(
+            |e| AppError::Conflict(format!("cloud {} could not delete image {}: {e}", cloud.name, image.id)),
+        )?;
         self.0.store.remove_image(name)?;
         self.0.store.flush().await?;
         tracing::info!(image = %image.id, "image deleted");

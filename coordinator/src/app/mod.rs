@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use kiln_protocol::TargetId;
+use kiln_protocol::api::Secret;
+use kiln_protocol::{BuildId, CloudName, TargetId};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -64,6 +65,9 @@ pub(crate) struct Inner {
     pub(crate) shutdown: CancellationToken,
     /// Per running target: cancelled to interrupt its current step.
     pub(crate) interrupts: Mutex<HashMap<TargetId, CancellationToken>>,
+    /// Passwords of ask-every-time clouds, per running build; memory only,
+    /// dropped when the build ends.
+    pub(crate) build_secrets: Mutex<HashMap<BuildId, HashMap<CloudName, Secret>>>,
 }
 
 impl App {
@@ -88,6 +92,7 @@ impl App {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             interrupts: Mutex::default(),
+            build_secrets: Mutex::default(),
         }));
         crate::workflow::resume_all(&app)?;
         Ok(app)

@@ -7,10 +7,10 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use futures::StreamExt;
 use kiln_protocol::api::{
-    Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, GeneratorSummary, Image, LogChunk, LogEnd, Revision, Status,
-    Target, TargetSpec, Timings,
+    Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, GeneratorSummary, Image, LogChunk, LogEnd, Revision, Secret,
+    Status, Target, TargetSpec, Timings,
 };
-use kiln_protocol::{BuildId, TargetId, Timestamp};
+use kiln_protocol::{BuildId, CloudName, TargetId, Timestamp};
 
 use super::client::ApiFailure;
 use super::output::{Table, pairs, print};
@@ -28,15 +28,18 @@ pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::R
 
 async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow::Result<()> {
     match command {
-        CloudCommand::Add { name, kind, region, endpoint, options, access_key_id } => {
+        CloudCommand::Add { name, kind, region, endpoint, options, access_key_id, store_password } => {
             let kind: CloudKind = serde_json::from_value(serde_json::Value::String(kind.clone()))
-                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu, ec2"))?;
+                .map_err(|_| anyhow::anyhow!("unknown cloud kind {kind:?}; kiln knows: qemu, ec2, openstack"))?;
             let mut opts = BTreeMap::new();
             for o in options {
                 let (k, v) = o.split_once('=').with_context(|| format!("option {o:?} is not KEY=VALUE"))?;
                 opts.insert(k.to_owned(), v.to_owned());
             }
-            let credentials = credentials_from(access_key_id)?;
+            let credentials = match store_password {
+                true => Some(password_from_prompt(&name)?),
+                false => credentials_from(access_key_id)?,
+            };
             let cloud = Cloud { name: name.parse()?, kind, region, endpoint, options: opts, credentials };
             let c: Cloud = client.post("/v1/clouds", &cloud).await?;
             print(output, &c, cloud_table);
@@ -355,11 +358,9 @@ pub async fn start_build(client: &Client, output: Output, args: StartArgs) -> an
         }
         (None, None) => bail!("name a generator or give --file"),
     };
-    let req = BuildRequest {
-        generator: name.parse()?,
-        revision,
-        clouds: args.clouds.iter().map(|c| c.parse()).collect::<Result<_, _>>()?,
-    };
+    let clouds: Vec<CloudName> = args.clouds.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
+    let passwords = ask_passwords(client, &name, revision, &clouds).await?;
+    let req = BuildRequest { generator: name.parse()?, revision, clouds, passwords };
     let b: Build = client.post("/v1/builds", &req).await?;
     if !args.wait {
         print(output, &b, build_table);
@@ -470,5 +471,52 @@ fn credentials_from(access_key_id: Option<String>) -> anyhow::Result<Option<kiln
             .context("cannot read the secret access key")?,
     };
     anyhow::ensure!(!secret_access_key.is_empty(), "the secret access key is empty");
-    Ok(Some(kiln_protocol::api::CloudCredentials { access_key_id, secret_access_key }))
+    Ok(Some(kiln_protocol::api::CloudCredentials::AccessKey { access_key_id, secret_access_key }))
+}
+
+/// Passwords of the build's clouds that ask for one at every build: from
+/// `KILN_PASSWORD_<CLOUD>` (upper case, `-` and `.` as `_`) or a prompt
+/// without echo. They go into this one request and nowhere else.
+async fn ask_passwords(
+    client: &Client,
+    generator: &str,
+    revision: Option<u32>,
+    clouds: &[CloudName],
+) -> anyhow::Result<BTreeMap<CloudName, Secret>> {
+    let path = match revision {
+        Some(n) => format!("/v1/generators/{generator}/revisions/{n}"),
+        None => format!("/v1/generators/{generator}"),
+    };
+    let rev: Revision = client.get(&path).await?;
+    let names: Vec<CloudName> =
+        if clouds.is_empty() { rev.spec.targets.keys().cloned().collect() } else { clouds.to_vec() };
+    let mut out = BTreeMap::new();
+    for name in names {
+        let Ok(cloud) = client.get::<Cloud>(&format!("/v1/clouds/{name}")).await else { continue };
+        if cloud.options.get("ask_password").is_none_or(|v| v != "true") {
+            continue;
+        }
+        let var = format!("KILN_PASSWORD_{}", name.as_str().to_uppercase().replace(['-', '.'], "_"));
+        let password = match std::env::var(&var) {
+            Ok(p) => p,
+            Err(_) => {
+                let user = cloud.options.get("user").map(String::as_str).unwrap_or("?");
+                rpassword::prompt_password(format!("password of {user} on cloud {name}: "))
+                    .with_context(|| format!("cannot read the password of cloud {name}; or set {var}"))?
+            }
+        };
+        out.insert(name, Secret(password));
+    }
+    Ok(out)
+}
+
+/// A password to store with a cloud: from KILN_CLOUD_PASSWORD or a prompt that does not echo.
+fn password_from_prompt(cloud: &str) -> anyhow::Result<kiln_protocol::api::CloudCredentials> {
+    let password = match std::env::var("KILN_CLOUD_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => rpassword::prompt_password(format!("password to store for cloud {cloud}: "))
+            .context("cannot read the password")?,
+    };
+    anyhow::ensure!(!password.is_empty(), "the password is empty");
+    Ok(kiln_protocol::api::CloudCredentials::Password { password })
 }

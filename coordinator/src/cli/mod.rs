@@ -71,7 +71,7 @@ pub enum CloudCommand {
     /// Add a cloud.
     Add {
         name: String,
-        /// The provider: qemu or ec2 (also for EC2-compatible clouds such as Nimbus).
+        /// The provider: qemu, ec2 (also EC2-compatible clouds such as Nimbus) or openstack.
         #[arg(long)]
         kind: String,
         #[arg(long)]
@@ -82,10 +82,15 @@ pub enum CloudCommand {
         /// A provider-specific setting, KEY=VALUE (repeatable).
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
-        /// Store an access key for this cloud; the secret is read from
+        /// Store an access key for this cloud (EC2); the secret is read from
         /// KILN_SECRET_ACCESS_KEY or asked for without echo.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "store_password")]
         access_key_id: Option<String>,
+        /// Store the password of the cloud's `user` (OpenStack), read from
+        /// KILN_CLOUD_PASSWORD or asked for without echo. Leave it out and
+        /// set `--option ask_password=true` to be asked at every build instead.
+        #[arg(long)]
+        store_password: bool,
     },
     /// List clouds.
     List,

@@ -14,6 +14,7 @@ use kiln_protocol::api::CloudKind;
 use crate::config::Config;
 use crate::providers::Providers;
 use crate::providers::ec2::Ec2Provider;
+use crate::providers::openstack::OpenstackProvider;
 use crate::providers::qemu::QemuProvider;
 use crate::server::{Listeners, Server};
 
@@ -73,4 +74,5 @@ pub fn builtin_providers(config: &Config) -> Providers {
     Providers::new()
         .with(CloudKind::Qemu, Arc::new(QemuProvider::new(&config.data_dir)))
         .with(CloudKind::Ec2, Arc::new(Ec2Provider::new()))
+        .with(CloudKind::Openstack, Arc::new(OpenstackProvider::new()))
 }

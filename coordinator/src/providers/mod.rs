@@ -6,6 +6,7 @@
 //! "not found" as success.
 
 pub mod ec2;
+pub mod openstack;
 pub mod qemu;
 
 use std::collections::HashMap;

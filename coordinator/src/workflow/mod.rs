@@ -114,7 +114,10 @@ async fn run(app: &App, id: TargetId) {
             }
         };
         let result = match plan::next(&t) {
-            plan::Next::Nothing => return,
+            plan::Next::Nothing => {
+                app.forget_secrets_if_done(t.build);
+                return;
+            }
             plan::Next::Unwind => {
                 tokio::select! {
                     r = undo::unwind(app, &t) => r,

@@ -47,7 +47,7 @@ pub(super) fn provider(app: &App, t: &TargetRecord) -> Result<Arc<dyn Provider>,
 /// The target with its cloud's credentials, which live apart from any record.
 pub(super) fn with_credentials(app: &App, t: &TargetRecord) -> Result<TargetRecord, StepError> {
     let mut t = t.clone();
-    t.cloud = app.with_credentials(&t.cloud)?;
+    t.cloud = app.with_credentials(&t.cloud, Some(t.build))?;
     Ok(t)
 }
 

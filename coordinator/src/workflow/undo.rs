@@ -11,15 +11,17 @@ use crate::providers::{ImageId, InstanceId};
 use crate::store::records::TargetRecord;
 
 pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError> {
-    let t = &with_credentials(app, t)?;
     let undo = plan::undo(t);
     let mut problems = Vec::new();
     // Tell a live agent to stop before its instance goes away.
     app.0.store.update_target(t.id, |r| r.instruction = Instruction::Finish)?;
     app.notify();
     if undo.delete_image.is_some() || undo.terminate.is_some() {
-        match provider(app, t) {
-            Ok(provider) => {
+        // Without the provider or the cloud's credentials nothing can be undone:
+        // the target still ends, and its error says what to remove by hand.
+        match provider(app, t).and_then(|p| Ok((p, with_credentials(app, t)?))) {
+            Ok((provider, t)) => {
+                let t = &t;
                 if let Some(image) = undo.delete_image.map(ImageId) {
                     match call("delete image", || provider.delete_image(&t.cloud, &image)).await {
                         Ok(()) => {

@@ -12,11 +12,11 @@
 //! address on 169.254.169.0/24), so a coordinator under test advertises that host.
 
 mod faults;
-mod http;
+pub(crate) mod http;
 mod imds;
 mod moto;
 mod runner;
-mod vm;
+pub(crate) mod vm;
 
 pub use faults::{Fault, FaultProxy};
 pub use imds::ImdsStats;

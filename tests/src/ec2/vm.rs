@@ -85,7 +85,7 @@ pub async fn prepare_disk(base: &BaseDisk, dir: &Path, nimbus: bool) -> anyhow::
 }
 
 /// Runs a tool to completion; its stdout, or an error with its stderr.
-async fn run(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) async fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.stdin(Stdio::null()).kill_on_drop(true).output().await.with_context(|| format!("run {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());

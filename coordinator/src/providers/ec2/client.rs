@@ -9,7 +9,7 @@ use aws_credential_types::Credentials;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::Region;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
-use kiln_protocol::api::Cloud;
+use kiln_protocol::api::{Cloud, CloudCredentials};
 use tokio::sync::Mutex;
 
 /// Clients by cloud, region, endpoint and access key.
@@ -25,7 +25,7 @@ impl Clients {
             "{}|{region}|{}|{}",
             cloud.name,
             cloud.endpoint.as_deref().unwrap_or(""),
-            cloud.credentials.as_ref().map(|c| c.access_key_id.as_str()).unwrap_or("")
+            access_key(cloud).map(|(id, _)| id).unwrap_or("")
         );
         let mut clients = self.by_key.lock().await;
         if let Some(c) = clients.get(&key) {
@@ -46,18 +46,22 @@ async fn build(cloud: &Cloud, region: &str) -> Client {
         loader = loader.endpoint_url(endpoint);
     }
     // Stored credentials win; else the standard chain (environment, profile, instance role).
-    if let Some(c) = &cloud.credentials {
-        loader = loader.credentials_provider(Credentials::new(
-            &c.access_key_id,
-            &c.secret_access_key,
-            None,
-            None,
-            "kiln-cloud",
-        ));
+    if let Some((id, secret)) = access_key(cloud) {
+        loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "kiln-cloud"));
     }
     let shared = loader.load().await;
     let config = aws_sdk_ec2::config::Builder::from(&shared)
         .retry_config(RetryConfig::standard().with_max_attempts(3).with_initial_backoff(Duration::from_millis(200)))
         .build();
     Client::from_conf(config)
+}
+
+/// The cloud's stored access key, if it has one.
+fn access_key(cloud: &Cloud) -> Option<(&str, &str)> {
+    match &cloud.credentials {
+        Some(CloudCredentials::AccessKey { access_key_id, secret_access_key }) => {
+            Some((access_key_id.as_str(), secret_access_key.as_str()))
+        }
+        _ => None,
+    }
 }
