@@ -78,7 +78,8 @@ async fn status_and_message(resp: reqwest::Response) -> (StatusCode, String) {
 }
 
 // A token works once: a malformed CSR is refused without using it, the first
-// real enrollment succeeds, and a replay of the same token is refused.
+// real enrollment succeeds, a replay of the token with another key is refused,
+// and only the enrolled key may retry (after a lost answer).
 #[tokio::test]
 async fn tokens_are_single_use() {
     let bed = Bed::start().await;
@@ -99,9 +100,14 @@ async fn tokens_are_single_use() {
     assert_eq!(resp.status(), StatusCode::OK);
     let _: EnrollResponse = resp.json().await.unwrap();
 
-    let (status, msg) = status_and_message(enroll(&bed, target, &token, &good_csr).await).await;
+    // A replay with another key (anyone who read the user-data) gets nothing.
+    let (_, other_csr) = csr();
+    let (status, msg) = status_and_message(enroll(&bed, target, &token, &other_csr).await).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(msg.contains("already used"), "{msg}");
+    // The agent retrying with its own key, after a lost answer, gets a certificate again.
+    let resp = enroll(&bed, target, &token, &good_csr).await;
+    assert_eq!(resp.status(), StatusCode::OK, "a retry with the enrolled key is answered");
 
     let b: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
     assert_eq!(bed.wait(&b).await.status, Status::Cancelled);

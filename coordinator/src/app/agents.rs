@@ -7,6 +7,8 @@ use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Instructio
 use kiln_protocol::api::FailureReason;
 use kiln_protocol::{TargetId, Timestamp};
 
+use sha2::{Digest, Sha256};
+
 use super::{App, AppError};
 use crate::pki::TokenHash;
 use crate::store::TokenRefusal;
@@ -33,17 +35,21 @@ impl App {
     pub async fn enroll(&self, req: EnrollRequest) -> Result<EnrollResponse, AppError> {
         let refused = |why: &str| AppError::Unauthorized(format!("enrollment refused: {why}"));
         // The CSR is checked first so a garbled request does not burn the token.
-        if rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem).is_err() {
+        let Ok(csr) = rcgen::CertificateSigningRequestParams::from_pem(&req.csr_pem) else {
             return Err(refused("the certificate request is malformed or its signature is wrong"));
-        }
+        };
+        let key = hex::encode(Sha256::digest(rcgen::PublicKeyData::der_bytes(&csr.public_key)));
         let hash = TokenHash::of(&req.token);
         let now = Timestamp::now();
-        let target = match self.0.store.consume_token(&hash.0, req.target, now)? {
+        let target = match self.0.store.consume_token(&hash.0, req.target, now, &key)? {
             Ok(t) => t,
-            Err(TokenRefusal::Unknown) => {
-                self.0.store.flush().await?;
-                return Err(refused("the token is unknown, already used, or not this target's"));
-            }
+            Err(TokenRefusal::Unknown) => match self.enrollment_retry(&req, &hash, &key)? {
+                Some(t) => t,
+                None => {
+                    self.0.store.flush().await?;
+                    return Err(refused("the token is unknown, already used, or not this target's"));
+                }
+            },
             Err(TokenRefusal::Expired) => {
                 self.0.store.flush().await?;
                 return Err(refused("the token has expired; start a new build"));
@@ -57,6 +63,26 @@ impl App {
         tracing::info!(build = %target.build, target = %req.target, serial = %issued.serial, "agent enrolled");
         self.notify();
         Ok(EnrollResponse { certificate_pem: issued.pem, not_after })
+    }
+
+    /// The target, when this request repeats the enrollment that consumed its
+    /// token with the same key: the first answer was lost, and a certificate
+    /// for a key the agent alone holds gives nobody else anything.
+    fn enrollment_retry(
+        &self,
+        req: &EnrollRequest,
+        hash: &TokenHash,
+        key: &str,
+    ) -> Result<Option<TargetRecord>, AppError> {
+        let Some(t) = self.0.store.target(req.target)? else { return Ok(None) };
+        let same_token = TokenHash::of(&self.0.pki.tokens().token(req.target)) == *hash;
+        let same_key = t.enrolled_key.as_deref() == Some(key);
+        if same_token && same_key && t.enrolled && !t.status.is_terminal() {
+            tracing::info!(build = %t.build, target = %t.id, "enrollment retried with the same key");
+            Ok(Some(t))
+        } else {
+            Ok(None)
+        }
     }
 
     /// Checks that `peer` may act for `target`, and returns the target.

@@ -90,6 +90,7 @@ impl App {
                 image_id: None,
                 image: None,
                 enrolled: false,
+                enrolled_key: None,
                 cert_serial: None,
                 outcome: None,
                 reported_total: None,

@@ -337,6 +337,7 @@ impl Store {
         hash: &str,
         target: TargetId,
         now: Timestamp,
+        key: &str,
     ) -> Result<Result<TargetRecord, TokenRefusal>, StoreError> {
         let result = (&self.tokens, &self.targets).transaction(|(tokens, targets)| {
             let Some(bytes) = tokens.get(hash.as_bytes())? else {
@@ -358,6 +359,7 @@ impl Store {
                 return Ok(Err(TokenRefusal::Unknown));
             }
             t.enrolled = true;
+            t.enrolled_key = Some(key.to_owned());
             t.timings.agent_contact_at = Some(now);
             targets.insert(target.as_bytes(), encode(&t))?;
             Ok(Ok(t))

@@ -50,6 +50,11 @@ pub struct TargetRecord {
     pub image: Option<Image>,
     /// True once the agent enrolled: the token must never be reissued.
     pub enrolled: bool,
+    /// Hex sha256 of the enrolled agent's public key. A retried enrollment
+    /// with this same key (its answer was lost on the way) gets a certificate
+    /// again; a replay with any other key is refused.
+    #[serde(default)]
+    pub enrolled_key: Option<String>,
     /// The serial of the certificate issued at enrollment.
     pub cert_serial: Option<String>,
     pub outcome: Option<ScriptOutcome>,

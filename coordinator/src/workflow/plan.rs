@@ -78,6 +78,7 @@ mod tests {
             image_id: None,
             image: None,
             enrolled: false,
+            enrolled_key: None,
             cert_serial: None,
             outcome: None,
             reported_total: None,
