@@ -213,3 +213,63 @@ async fn failure_at_each_step_leaves_nothing_behind() {
     let images: Vec<Image> = bed.client.get("/v1/images").await.unwrap();
     assert!(images.is_empty());
 }
+
+// Bad OpenStack input is refused with OpenStack's own message and what to
+// fix: before anything starts where kiln can check it, at launch otherwise.
+#[tokio::test]
+async fn bad_openstack_input_gets_openstacks_message() {
+    let bed = Bed::with(Options::qemu()).await;
+    let good = openstack(&bed, "good", FakeConfig::default(), Some(PASSWORD)).await;
+    let wrong = openstack(&bed, "wrong-password", FakeConfig::default(), Some("not-the-password")).await;
+    let no_image = openstack(
+        &bed,
+        "no-glance",
+        FakeConfig { omit_service: Some("image"), ..FakeConfig::default() },
+        Some(PASSWORD),
+    )
+    .await;
+    let full = openstack(&bed, "full", FakeConfig { max_servers: 0, ..FakeConfig::default() }, Some(PASSWORD)).await;
+    let nowhere = json!({"name": "unknown-project", "kind": "openstack", "region": "RegionOne", "endpoint": good.auth_url(),
+        "options": {"user": "kiln", "project": "nope", "flavor": "m1.small", "network": DEFAULT_NETWORK},
+        "credentials": {"password": PASSWORD}});
+    let _: serde_json::Value = bed.client.post("/v1/clouds", &nowhere).await.unwrap();
+    let cases = [
+        ("wrong-password", "tiny", None, "requires authentication"),
+        ("unknown-project", "tiny", None, "check the cloud's user, user_domain, project"),
+        ("no-glance", "tiny", None, "no public image endpoint in region RegionOne"),
+        ("good", "no-such-image", None, "the base image no-such-image does not exist in Glance"),
+        ("good", "tiny", Some("m9.huge"), "flavor m9.huge does not exist; this cloud has: m1.tiny, m1.small"),
+    ];
+    for (i, (cloud, image, flavor, needle)) in cases.iter().enumerate() {
+        let name = format!("bad{i}");
+        let mut spec = Bed::spec(&name, "true\n", &[cloud]);
+        spec.targets.values_mut().for_each(|t| {
+            t.base_image = image.to_string();
+            t.instance_type = flavor.map(String::from);
+        });
+        bed.create_generator(&spec).await;
+        let resp = bed
+            .client
+            .request(reqwest::Method::POST, "/v1/builds")
+            .json(&json!({"generator": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "{cloud}");
+        let body: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
+        assert!(body.message.contains(needle), "{cloud}: {}", body.message);
+    }
+    // A quota error comes at launch: the target fails with Nova's message.
+    generator(&bed, "quota", "true\n", &[("full", "tiny".to_owned())]).await;
+    let build = bed.wait(&bed.start_build("quota").await).await;
+    let err = build.targets[0].error.as_ref().unwrap();
+    assert_eq!(err.step, Step::Launch, "{err:#?}");
+    assert!(
+        err.message.contains("Quota exceeded for instances") && err.message.contains("free quota"),
+        "{}",
+        err.message
+    );
+    for fake in [&good, &wrong, &no_image, &full] {
+        assert!(fake.servers().is_empty(), "nothing was launched");
+    }
+}

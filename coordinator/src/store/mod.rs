@@ -451,4 +451,13 @@ mod tests {
         let err = Store::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::SchemaMismatch { found: 99, .. }), "{err}");
     }
+
+    // A second coordinator on the same data directory is told what to do.
+    #[test]
+    fn a_data_dir_in_use_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("in use by another kiln process"), "{err}");
+    }
 }
