@@ -70,7 +70,9 @@ impl Server {
                 tracing::error!(error = %e, "listener failed");
             }
         };
-        tasks.spawn(plain(listeners.api, api::v1::router(app.clone()), shutdown.clone()));
+        // The public listener serves the API and, at `/`, the web page that uses it.
+        let public = api::v1::router(app.clone()).merge(api::web::router());
+        tasks.spawn(plain(listeners.api, public, shutdown.clone()));
         tasks.spawn(plain(listeners.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
         tasks.spawn(api::tls::serve(
             listeners.agent,

@@ -14,3 +14,4 @@ mod openstack_bed;
 mod qemu;
 mod resilience;
 mod user_data;
+mod web;

@@ -4,10 +4,12 @@
 //!   user-data, and so the real static agent, as a local process.
 //! - [`bed`]: an in-process coordinator on loopback ports, restartable on
 //!   the same data directory, with a client and helpers.
+//! - [`browser`]: a headless Chromium over WebDriver, for the web page's tests.
 //! - [`proxy`]: a TCP proxy that can cut every connection through it.
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
+pub mod browser;
 pub mod ec2;
 pub mod openstack;
 pub mod process;

@@ -12,6 +12,7 @@ mod error;
 mod extract;
 pub mod tls;
 pub mod v1;
+pub mod web;
 
 pub use error::ApiError;
 pub use v1::openapi;
