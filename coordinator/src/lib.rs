@@ -26,3 +26,15 @@ pub use app::App;
 pub use config::Config;
 pub use providers::{Provider, Providers};
 pub use server::{Listeners, Server};
+
+/// An error and all its sources on one line, for logs and messages.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

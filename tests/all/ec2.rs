@@ -275,17 +275,8 @@ async fn bad_ec2_input_is_refused_with_the_clouds_code() {
         let mut spec = Bed::spec(&name, "true\n", &[cloud]);
         spec.targets.values_mut().for_each(|t| t.base_image = base.to_string());
         env.bed.create_generator(&spec).await;
-        let resp = env
-            .bed
-            .client
-            .request(reqwest::Method::POST, "/v1/builds")
-            .json(&json!({"generator": name}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "{cloud}");
-        let body: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
-        assert!(body.message.contains(needle), "{cloud}: {}", body.message);
+        let message = env.bed.refused_build(&name).await;
+        assert!(message.contains(needle), "{cloud}: {message}");
     }
     assert!(env.live_instances("us-east-1").await.is_empty(), "nothing was launched");
 }

@@ -248,16 +248,8 @@ async fn bad_openstack_input_gets_openstacks_message() {
             t.instance_type = flavor.map(String::from);
         });
         bed.create_generator(&spec).await;
-        let resp = bed
-            .client
-            .request(reqwest::Method::POST, "/v1/builds")
-            .json(&json!({"generator": name}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "{cloud}");
-        let body: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
-        assert!(body.message.contains(needle), "{cloud}: {}", body.message);
+        let message = bed.refused_build(&name).await;
+        assert!(message.contains(needle), "{cloud}: {message}");
     }
     // A quota error comes at launch: the target fails with Nova's message.
     generator(&bed, "quota", "true\n", &[("full", "tiny".to_owned())]).await;

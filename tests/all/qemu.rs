@@ -184,16 +184,8 @@ async fn bad_base_images_are_refused_up_front() {
     for (i, (base, needle)) in cases.iter().enumerate() {
         let name = format!("bad{i}");
         generator(&bed, &name, "true\n", &["local"], base).await;
-        let resp = bed
-            .client
-            .request(reqwest::Method::POST, "/v1/builds")
-            .json(&json!({"generator": name}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "{base}");
-        let body: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
-        assert!(body.message.contains(needle), "{base}: {}", body.message);
+        let message = bed.refused_build(&name).await;
+        assert!(message.contains(needle), "{base}: {message}");
     }
     let builds: Vec<Build> = bed.client.get("/v1/builds").await.unwrap();
     assert!(builds.is_empty(), "nothing started");

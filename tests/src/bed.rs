@@ -141,6 +141,15 @@ impl Bed {
         self.client.post("/v1/builds", &req).await.expect("start build")
     }
 
+    /// Asks for a build of `generator` that must be refused before anything
+    /// starts (400); returns the error's message.
+    pub async fn refused_build(&self, generator: &str) -> String {
+        let body = serde_json::json!({"generator": generator});
+        let resp = self.client.request(reqwest::Method::POST, "/v1/builds").json(&body).send().await.expect("send");
+        assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST, "a build of {generator} was not refused");
+        resp.json::<kiln_protocol::error::ErrorBody>().await.expect("a JSON error").message
+    }
+
     /// Creates a generator on cloud `local` and builds it.
     pub async fn build_script(&self, name: &str, script: &str, timeout_secs: Option<u64>) -> Build {
         let mut spec = Self::spec(name, script, &["local"]);

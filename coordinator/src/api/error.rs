@@ -43,24 +43,12 @@ impl From<AppError> for ApiError {
             }
             AppError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
             AppError::Store(_) | AppError::Io(_) | AppError::Pki(_) => {
-                tracing::error!(error = ?anyhow_chain(&e), "internal error");
+                tracing::error!(error = ?crate::error_chain(&e), "internal error");
                 (S::INTERNAL_SERVER_ERROR, C::Internal)
             }
         };
         ApiError::new(status, code, message)
     }
-}
-
-/// The error and all its sources on one line.
-fn anyhow_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 impl IntoResponse for ApiError {

@@ -245,3 +245,19 @@ impl Providers {
         self.by_kind.get(&kind).cloned()
     }
 }
+
+/// A cloud option given in seconds (fractions allowed), or `default`.
+pub fn seconds_option(
+    options: &std::collections::BTreeMap<String, String>,
+    key: &str,
+    default: f64,
+) -> Result<Duration, ProviderError> {
+    match options.get(key) {
+        None => Ok(Duration::from_secs_f64(default)),
+        Some(v) => {
+            v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s <= 86_400.0).map(Duration::from_secs_f64).ok_or_else(|| {
+                ProviderError::new(ProviderErrorKind::Invalid, format!("option {key} is {v:?}; give seconds, e.g. 10"))
+            })
+        }
+    }
+}

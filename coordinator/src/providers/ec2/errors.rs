@@ -61,19 +61,11 @@ where
         SdkError::TimeoutError(_) => ProviderError::new(ProviderErrorKind::Transient, format!("{what}: EC2 timed out")),
         SdkError::DispatchFailure(d) => ProviderError::new(
             if d.is_timeout() || d.is_io() { ProviderErrorKind::Transient } else { ProviderErrorKind::Failed },
-            format!("{what}: cannot reach the EC2 endpoint ({}); check the cloud's endpoint and region", chain(&err)),
+            format!(
+                "{what}: cannot reach the EC2 endpoint ({}); check the cloud's endpoint and region",
+                crate::error_chain(&err)
+            ),
         ),
-        _ => ProviderError::new(ProviderErrorKind::Failed, format!("{what}: {}", chain(&err))),
+        _ => ProviderError::new(ProviderErrorKind::Failed, format!("{what}: {}", crate::error_chain(&err))),
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

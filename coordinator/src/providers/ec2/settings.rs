@@ -43,17 +43,7 @@ impl Settings {
         {
             return Err(invalid(format!("the endpoint {ep:?} is not an http(s) URL")));
         }
-        let secs = |key: &str, default: f64| -> Result<Duration, ProviderError> {
-            match cloud.options.get(key) {
-                None => Ok(Duration::from_secs_f64(default)),
-                Some(v) => v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0 && *s <= 86_400.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| invalid(format!("option {key} is {v:?}; give seconds, e.g. 10"))),
-            }
-        };
+        let secs = |key: &str, default: f64| crate::providers::seconds_option(&cloud.options, key, default);
         Ok(Self {
             region,
             instance_type: cloud.options.get("instance_type").cloned().unwrap_or_else(|| DEFAULT_INSTANCE_TYPE.into()),

@@ -79,13 +79,7 @@ pub fn error(what: &str, status: StatusCode, body: &str) -> ProviderError {
 
 fn unreachable(what: &str, e: reqwest::Error) -> ProviderError {
     let kind = if e.is_timeout() || e.is_connect() { ProviderErrorKind::Transient } else { ProviderErrorKind::Failed };
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
+    let text = crate::error_chain(&e);
     ProviderError::new(kind, format!("{what}: cannot reach OpenStack ({text}); check the cloud's endpoint"))
 }
 

@@ -83,17 +83,7 @@ impl Settings {
                 )));
             }
         };
-        let secs = |key: &str, default: f64| -> Result<Duration, ProviderError> {
-            match o.get(key) {
-                None => Ok(Duration::from_secs_f64(default)),
-                Some(v) => v
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0 && *s <= 86_400.0)
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| invalid(format!("option {key} is {v:?}; give seconds, e.g. 5"))),
-            }
-        };
+        let secs = |key: &str, default: f64| crate::providers::seconds_option(o, key, default);
         Ok(Self {
             auth_url: auth_url.trim_end_matches('/').to_owned(),
             region,
