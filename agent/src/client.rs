@@ -57,6 +57,8 @@ impl Api {
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
             .https_only(true)
+            // The coordinator is reached directly, whatever proxy the VM's environment names.
+            .no_proxy()
             // A static glibc binary cannot resolve names through NSS.
             .hickory_dns(true)
             .connect_timeout(CONNECT_TIMEOUT)

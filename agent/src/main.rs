@@ -9,6 +9,7 @@
 mod cli;
 mod client;
 mod coordinator;
+mod egress;
 mod enroll;
 mod layout;
 mod run;
@@ -36,7 +37,11 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        // Agent output lands on serial consoles and in logs that errors quote:
+        // colour only on an interactive terminal that asks for it.
+        .with_ansi(
+            std::io::stderr().is_terminal() && std::env::var_os("KILN_AGENT_COLOR").is_some_and(|v| v == "always"),
+        )
         .with_env_filter(
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,hickory_proto=warn,hickory_resolver=warn")),

@@ -11,6 +11,7 @@ use tracing::{Instrument, error, info};
 use crate::cli::{Args, NEVER_POWEROFF_ENV};
 use crate::client::{Api, Retry, RetryPolicy};
 use crate::coordinator::{self, CoordinatorLog, ExitAnswer};
+use crate::egress::Egress;
 use crate::layout::Layout;
 use crate::stop::Stop;
 use crate::stream::Shipper;
@@ -59,6 +60,7 @@ async fn run_and_report(api: &Api, layout: &Layout, job: Job) -> anyhow::Result<
     let spool = File::open(&layout.spool_file).context("opening the spool")?;
     let mut shipper = Shipper::new(CoordinatorLog { api }, spool, api.retry);
 
+    let egress = Egress::configure(&job, std::path::Path::new("/"));
     info!(timeout_secs = job.timeout_secs, "running the script");
     let (ended_tx, mut ended) = watch::channel(false);
     let (abort, abort_rx) = oneshot::channel();
@@ -78,6 +80,9 @@ async fn run_and_report(api: &Api, layout: &Layout, job: Job) -> anyhow::Result<
         let _ = abort.send(());
     }
     let outcome = runner.await;
+    if let Err(e) = egress.remove() {
+        error!("removing the egress proxy's configuration: {e}");
+    }
     let mut total = shipped?;
     let outcome: ScriptOutcome = outcome.map_err(|err| anyhow!("the script runner failed: {err}"))?;
     info!(%outcome, bytes = total, "script ended; output committed");

@@ -61,6 +61,7 @@ async fn spawn(job: &Job, layout: &Layout) -> anyhow::Result<Child> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(spool))
         .stderr(Stdio::from(stderr))
+        .envs(crate::egress::env(job))
         .envs(&job.env)
         .env("KILN_TARGET", job.target.to_string())
         .env_remove(ENROLL_TOKEN_ENV)
@@ -190,6 +191,8 @@ mod tests {
             script: script.to_owned(),
             env: BTreeMap::from([("GREETING".to_owned(), "hello there".to_owned())]),
             timeout_secs,
+            egress_proxy: None,
+            no_proxy: Vec::new(),
         }
     }
 

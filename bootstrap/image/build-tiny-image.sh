@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds kiln-tiny, kiln's own minimal base VM image: a Debian kernel, an
-# initramfs that loads the virtio/ext4 modules, and an ext4 root holding only
+# initramfs that loads the virtio/ext4/vfat/iso9660 modules, and an ext4 root holding only
 # busybox-static, a few config files and kiln's boot hook.
 #
 # Usage: build-tiny-image.sh CACHE_DIR
@@ -11,9 +11,18 @@ umask 022
 
 readonly root_size=256M
 # Modules the guest needs, resolved to a load order with modules.dep below.
+# The root has no modules, so everything is loaded here, before switch_root.
 # crc32c_generic: ext4 and jbd2 only soft-depend on "crypto-crc32c" (needed for
 # metadata_csum); crc32c-intel needs SSE4.2, which TCG's default CPU lacks.
-readonly wanted_modules=(virtio_pci virtio_blk crc32c_generic ext4 virtio_net)
+# vfat (and fat): the NoCloud "cidata" drive holding the user-data. A vfat
+# mount without options loads the kernel's default codepage and iocharset,
+# CONFIG_FAT_DEFAULT_CODEPAGE=437 and CONFIG_FAT_DEFAULT_IOCHARSET="ascii",
+# both =m in Debian's kernel: nls_cp437 and nls_ascii. (CONFIG_NLS_DEFAULT is
+# "utf8", but nothing here needs nls_utf8: vfat's utf8 option, the default,
+# uses the built-in UTF-8 code, and load_nls_default falls back to a built-in
+# table.) isofs: cidata drives made as ISO 9660 (cloud-localds, genisoimage).
+readonly wanted_modules=(virtio_pci virtio_blk crc32c_generic ext4 virtio_net
+    nls_cp437 nls_ascii vfat isofs)
 
 log() { printf 'build-tiny-image: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

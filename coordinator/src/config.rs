@@ -1,6 +1,7 @@
 //! The coordinator's settings, with the defaults a user gets from `kiln serve`.
 
-use std::path::PathBuf;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Everything the coordinator needs to know besides its listeners.
@@ -15,8 +16,94 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// The static agent binary served to instances.
     pub agent_binary: PathBuf,
+    /// How local VMs reach the coordinator.
+    pub guest: GuestNet,
     pub limits: Limits,
     pub timeouts: Timeouts,
+}
+
+/// How a local VM reaches kiln: QEMU forwards a fixed guest-side address
+/// (`restrict=on`, one `guestfwd` per port) to a relay process that connects
+/// to a Unix socket in the data directory. The guest never sees a host port,
+/// so a coordinator restarted on any host port is reached again by the VMs it
+/// launched before.
+#[derive(Clone, Debug)]
+pub struct GuestNet {
+    /// The guest-side address of kiln's endpoints, inside QEMU's 10.0.2.0/24.
+    pub address: Ipv4Addr,
+    /// The program QEMU runs for each guest connection (`kiln guest-relay`).
+    pub relay_program: PathBuf,
+}
+
+/// The guest-side ports of kiln's endpoints on [`GuestNet::address`].
+pub mod guest_ports {
+    /// The mTLS agent listener.
+    pub const AGENT: u16 = 443;
+    /// The plain-HTTP bootstrap listener (the agent binary).
+    pub const BOOTSTRAP: u16 = 80;
+    /// The egress proxy.
+    pub const EGRESS: u16 = 3128;
+}
+
+/// The Unix sockets in `<data>/run/` that guest connections are relayed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestSocket {
+    Agent,
+    Bootstrap,
+    Egress,
+}
+
+impl GuestSocket {
+    pub const ALL: [GuestSocket; 3] = [GuestSocket::Agent, GuestSocket::Bootstrap, GuestSocket::Egress];
+
+    pub fn file_name(self) -> &'static str {
+        match self {
+            GuestSocket::Agent => "agent.sock",
+            GuestSocket::Bootstrap => "bootstrap.sock",
+            GuestSocket::Egress => "egress.sock",
+        }
+    }
+
+    pub fn guest_port(self) -> u16 {
+        match self {
+            GuestSocket::Agent => guest_ports::AGENT,
+            GuestSocket::Bootstrap => guest_ports::BOOTSTRAP,
+            GuestSocket::Egress => guest_ports::EGRESS,
+        }
+    }
+}
+
+/// The longest path a Unix socket address can hold (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl GuestNet {
+    /// The default guest-side address: free in QEMU's user network (its
+    /// gateway is .2, DNS .3, DHCP hands out .15 to .30).
+    pub const DEFAULT_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 100);
+
+    /// Refuses a guest-side address that collides with QEMU's user network.
+    pub fn check_address(address: Ipv4Addr) -> Result<(), String> {
+        let [a, b, c, d] = address.octets();
+        let why = if (a, b, c) != (10, 0, 2) {
+            Some("is outside QEMU's user network 10.0.2.0/24")
+        } else {
+            match d {
+                0 => Some("is the network address"),
+                2 => Some("is QEMU's gateway (the host)"),
+                3 => Some("is QEMU's DNS server"),
+                4 => Some("is QEMU's SMB server"),
+                15..=30 => Some("is in QEMU's DHCP range (10.0.2.15 to 10.0.2.30), so a guest may get it"),
+                255 => Some("is the broadcast address"),
+                _ => None,
+            }
+        };
+        match why {
+            Some(why) => {
+                Err(format!("the guest address {address} {why}; pick another in 10.0.2.0/24, e.g. 10.0.2.100"))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sizes the API refuses to exceed.
@@ -64,27 +151,70 @@ impl Default for Timeouts {
 }
 
 impl Config {
-    /// Defaults for a data directory.
+    /// Defaults for a data directory, made absolute: QEMU, daemonized, runs in `/`.
     pub fn new(data_dir: PathBuf) -> Self {
         Self {
-            data_dir,
+            data_dir: std::path::absolute(&data_dir).unwrap_or(data_dir),
             public_host: "10.0.2.2".into(),
             server_names: Vec::new(),
             agent_binary: default_agent_binary(),
+            guest: GuestNet { address: GuestNet::DEFAULT_ADDRESS, relay_program: default_relay_program() },
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }
     }
 
+    /// Where the sockets guest connections are relayed to live.
+    pub fn run_dir(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+
+    /// The socket of one guest endpoint.
+    pub fn guest_socket(&self, socket: GuestSocket) -> PathBuf {
+        self.run_dir().join(socket.file_name())
+    }
+
+    /// Checks what can be wrong before anything is opened: the guest address
+    /// and the length of the socket paths.
+    pub fn check(&self) -> Result<(), String> {
+        GuestNet::check_address(self.guest.address)?;
+        let longest = self.guest_socket(GuestSocket::Bootstrap);
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(format!(
+                "the data directory {} is too deep: its socket {} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have; use a shorter --data-dir",
+                self.data_dir.display(),
+                longest.display()
+            ));
+        }
+        Ok(())
+    }
+
     /// The names in the agent listener's certificate: the public host, the
-    /// loopback names, and any extra ones.
+    /// guest-side address, the loopback names, and any extra ones.
     pub fn certificate_names(&self) -> Vec<String> {
-        let mut names = vec![self.public_host.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+        let mut names = vec![
+            self.public_host.clone(),
+            self.guest.address.to_string(),
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into(),
+        ];
         names.extend(self.server_names.iter().cloned());
         names.sort();
         names.dedup();
         names
     }
+}
+
+/// The running executable when it is `kiln`, else `kiln` next to it (a test
+/// binary in `target/debug/deps` finds `target/debug/kiln`).
+fn default_relay_program() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kiln"));
+    if exe.file_name().is_some_and(|n| n == "kiln") {
+        return exe;
+    }
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    [dir.join("kiln"), dir.join("../kiln")].into_iter().find(|p| p.exists()).unwrap_or_else(|| dir.join("kiln"))
 }
 
 /// `kiln-agent` next to the running `kiln` executable.
@@ -93,4 +223,42 @@ fn default_agent_binary() -> PathBuf {
         .ok()
         .and_then(|exe| exe.parent().map(|d| d.join("kiln-agent")))
         .unwrap_or_else(|| PathBuf::from("kiln-agent"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A guest-side address that collides with QEMU's user network, or is
+    // outside it, is refused with the reason; a free one is accepted.
+    #[test]
+    fn guest_address_must_be_free_in_the_user_network() {
+        let cases = [
+            ("10.0.2.100", None),
+            ("10.0.2.200", None),
+            ("10.0.2.2", Some("gateway")),
+            ("10.0.2.3", Some("DNS")),
+            ("10.0.2.15", Some("DHCP range")),
+            ("10.0.2.30", Some("DHCP range")),
+            ("10.0.2.255", Some("broadcast")),
+            ("10.0.3.100", Some("outside")),
+        ];
+        for (address, why) in cases {
+            let got = GuestNet::check_address(address.parse().unwrap());
+            match why {
+                None => assert!(got.is_ok(), "{address}: {got:?}"),
+                Some(why) => assert!(got.as_ref().is_err_and(|e| e.contains(why)), "{address}: {got:?}"),
+            }
+        }
+    }
+
+    // A data directory whose sockets would not fit a Unix socket address is
+    // refused before anything is opened.
+    #[test]
+    fn too_deep_a_data_dir_is_refused() {
+        let deep = PathBuf::from(format!("/{}", "d".repeat(100)));
+        let err = Config::new(deep).check().unwrap_err();
+        assert!(err.contains("too deep") && err.contains("--data-dir"), "{err}");
+        assert!(Config::new("/tmp/kiln".into()).check().is_ok());
+    }
 }

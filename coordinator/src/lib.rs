@@ -10,12 +10,14 @@
 //! - [`pki`]: the CA, the agent listener's certificate, enrollment tokens.
 //! - [`cli`]: the `kiln` command line, a client of the HTTP API.
 //! - [`server`]: `kiln serve`, the app plus its listeners.
+//! - [`egress`]: the filtering HTTP proxy that is local VMs' only way out.
 //! - [`config`]: settings and their defaults.
 
 pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod pki;
 pub mod providers;
 pub mod server;

@@ -3,14 +3,35 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = kiln_coordinator::cli::Cli::parse();
+    // The relay runs once per guest connection: no runtime, no logging, at once.
+    if let kiln_coordinator::cli::Command::GuestRelay { socket, target } = &cli.command {
+        return match kiln_coordinator::cli::relay::run(socket, *target) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("kiln guest-relay: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: kiln_coordinator::cli::Cli) -> std::process::ExitCode {
     // The server logs what it does; client commands print results, and only warnings.
     let default = if matches!(cli.command, kiln_coordinator::cli::Command::Serve(_)) { "info" } else { "warn" };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| EnvFilter::new(default)))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match kiln_coordinator::cli::run(cli).await {
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),

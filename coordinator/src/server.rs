@@ -1,14 +1,17 @@
-//! `kiln serve`: the application plus its three listeners.
+//! `kiln serve`: the application plus its listeners: three TCP listeners
+//! (the public API, agents, bootstrap) and, in the data directory, the Unix
+//! sockets that local VMs are relayed to (agents, bootstrap, egress).
 
 use std::net::SocketAddr;
+use std::path::Path;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::app::{App, AppError};
-use crate::config::Config;
+use crate::config::{Config, GuestSocket};
 use crate::providers::{Providers, Served};
 
 /// Already-bound listeners, so callers (and tests) can bind port 0.
@@ -52,6 +55,7 @@ pub struct Server {
 impl Server {
     /// Opens the data directory, resumes unfinished targets and starts serving.
     pub async fn start(config: Config, providers: Providers, listeners: Listeners) -> Result<Self, AppError> {
+        config.check().map_err(AppError::BadRequest)?;
         let addrs = Addrs {
             api: listeners.api.local_addr()?,
             agent: listeners.agent.local_addr()?,
@@ -63,21 +67,23 @@ impl Server {
             bootstrap_port: addrs.bootstrap.port(),
         };
         let app = App::open(config, providers, served)?;
+        // Only now: the open store holds the data directory's lock, so no other
+        // kiln owns the sockets this replaces.
+        let guest = GuestListeners::bind(app.config())?;
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let plain = |listener: TcpListener, router: axum::Router, stop: CancellationToken| async move {
-            if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
-                tracing::error!(error = %e, "listener failed");
-            }
-        };
         // The public listener serves the API and, at `/`, the web page that uses it.
         let public = api::v1::router(app.clone()).merge(api::web::router());
         tasks.spawn(plain(listeners.api, public, shutdown.clone()));
         tasks.spawn(plain(listeners.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
-        tasks.spawn(api::tls::serve(
-            listeners.agent,
-            app.pki().agent_tls(),
-            api::agent::router(app.clone()),
+        tasks.spawn(plain(guest.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
+        let agents = || api::agent::router(app.clone());
+        tasks.spawn(api::tls::serve(listeners.agent, app.pki().agent_tls(), agents(), shutdown.clone()));
+        tasks.spawn(api::tls::serve(guest.agent, app.pki().agent_tls(), agents(), shutdown.clone()));
+        let policies = app.clone();
+        tasks.spawn(crate::egress::serve(
+            guest.egress,
+            move |target: &str| policies.egress_policy(target).map_err(|e| e.to_string()),
             shutdown.clone(),
         ));
         tracing::info!(api = %addrs.api, agent = %addrs.agent, bootstrap = %addrs.bootstrap, "kiln coordinator listening");
@@ -104,5 +110,50 @@ impl Server {
         while std::sync::Arc::strong_count(&self.app.0) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// Serves `router` over plain HTTP until `stop`.
+async fn plain<L>(listener: L, router: axum::Router, stop: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+        tracing::error!(error = %e, "listener failed");
+    }
+}
+
+/// The Unix sockets in `<data>/run/` that guest connections are relayed to.
+struct GuestListeners {
+    agent: UnixListener,
+    bootstrap: UnixListener,
+    egress: UnixListener,
+}
+
+impl GuestListeners {
+    fn bind(config: &Config) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = config.run_dir();
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        let bind = |socket: GuestSocket| -> std::io::Result<UnixListener> {
+            let path = config.guest_socket(socket);
+            remove_stale(&path)?;
+            UnixListener::bind(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", path.display())))
+        };
+        Ok(Self {
+            agent: bind(GuestSocket::Agent)?,
+            bootstrap: bind(GuestSocket::Bootstrap)?,
+            egress: bind(GuestSocket::Egress)?,
+        })
+    }
+}
+
+/// Removes the socket a previous coordinator on this data directory left.
+fn remove_stale(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }

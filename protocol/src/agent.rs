@@ -27,9 +27,6 @@ pub mod paths {
     pub const SEALING: &str = "/agent/v1/targets/{target}/sealing";
     /// The bootstrap listener's route for the agent binary (plain HTTP).
     pub const AGENT_BINARY: &str = "/bootstrap/v1/kiln-agent";
-    /// The bootstrap listener's NoCloud seed of a target (plain HTTP):
-    /// `user-data`, `meta-data`, `vendor-data` and `network-config` below it.
-    pub const SEED: &str = "/bootstrap/v1/seed/{target}/{file}";
 
     fn fill(template: &str, target: TargetId) -> String {
         template.replace("{target}", &target.to_string())
@@ -48,10 +45,6 @@ pub mod paths {
     }
     pub fn sealing(target: TargetId) -> String {
         fill(SEALING, target)
-    }
-    /// The seed's base URL path, ending in `/` as NoCloud expects.
-    pub fn seed(target: TargetId) -> String {
-        fill(SEED, target).replace("{file}", "")
     }
 }
 
@@ -79,6 +72,15 @@ pub struct Job {
     pub script: String,
     pub env: BTreeMap<String, String>,
     pub timeout_secs: u64,
+    /// The VM's only way out (local cloud): an HTTP proxy URL that the agent
+    /// gives the script as `http_proxy`/`https_proxy` and writes where tools
+    /// that reset the environment read it (apt, `/etc/environment` for sudo),
+    /// removing it all again when the script ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
+    /// Hosts the script reaches without the proxy (`no_proxy`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_proxy: Vec<String>,
 }
 
 /// Query of a log `PUT`: where the body's bytes start.

@@ -1,5 +1,6 @@
 //! The boot hook (`bootstrap/boot-hook/kiln-boot-hook`) against stub metadata
-//! services on loopback: every source, their order, retries, giving up, and the
+//! services on loopback and directories standing for the cidata and config
+//! drives: every source, their order, retries, giving up, and the
 //! download tools of curl-less and busybox-only images, under dash, busybox sh
 //! and bash. Plus shellcheck over every shell script in `bootstrap/`.
 
@@ -200,11 +201,17 @@ enum Reply {
     CloudConfig,
     /// 503 to the first N requests, then `Script(NAME)`.
     FailFirst(usize, &'static str),
+    /// 200 with nothing in it (an empty file on a drive).
+    Empty,
 }
 
 /// One metadata source the test machine offers.
 #[derive(Clone, Copy)]
 enum Offer {
+    /// `user-data` (and `meta-data`) in the directory standing for the cidata drive.
+    Cidata(Reply),
+    /// The directory standing for the cidata drive, with `meta-data` and no `user-data`.
+    CidataWithoutUserData,
     /// `/var/nimbus-metadata-server-url` → `<stub>/nimbus/`.
     Nimbus(Reply),
     /// `ds=nocloud;s=<stub>/nocloud/` on `/proc/cmdline`.
@@ -284,6 +291,75 @@ macro_rules! cases {
 }
 
 cases! {
+    // user-data at the root of the cidata drive runs, with no HTTP at all.
+    cidata_drive: Case {
+        offers: &[Offer::Cidata(Reply::Script("cidata"))],
+        expect: Expect::Ran("cidata"),
+        stderr: &["attempt 1: cidata: */cidata user-data (40 bytes)"],
+        no_requests: &["GET ", "PUT "],
+        ..CASE
+    };
+    // The cidata drive comes first: with user-data at every source, the drive's runs and no stub is asked anything.
+    cidata_beats_every_other_source: Case {
+        offers: &[
+            Offer::ImdsV2(Reply::Script("ec2-imdsv2")),
+            Offer::Openstack(Reply::Script("openstack")),
+            Offer::ConfigDrive(Reply::Script("config-drive")),
+            Offer::NocloudCmdline(Reply::Script("nocloud")),
+            Offer::Nimbus(Reply::Script("nimbus")),
+            Offer::Cidata(Reply::Script("cidata")),
+        ],
+        expect: Expect::Ran("cidata"),
+        stderr: &["attempt 1: cidata: */cidata user-data (40 bytes)"],
+        no_requests: &["GET ", "PUT "],
+        ..CASE
+    };
+    // No cidata drive: the attempt says so and goes on to the next source.
+    no_cidata_drive_falls_through: Case {
+        offers: &[Offer::Nimbus(Reply::Script("nimbus"))],
+        expect: Expect::Ran("nimbus"),
+        stderr: &["attempt 1: cidata: no drive labelled cidata", "attempt 1: nimbus: GET * via curl: HTTP 200"],
+        requests: &["GET /nimbus/latest/user-data "],
+        ..CASE
+    };
+    // A cidata drive without user-data (meta-data only) is not a source: the NoCloud network seed is next.
+    cidata_drive_without_user_data_falls_through: Case {
+        offers: &[Offer::CidataWithoutUserData, Offer::NocloudCmdline(Reply::Script("nocloud"))],
+        expect: Expect::Ran("nocloud"),
+        stderr: &["attempt 1: cidata: */cidata has no user-data", "attempt 1: nocloud: GET * via curl: HTTP 200"],
+        requests: &["GET /nocloud/user-data "],
+        ..CASE
+    };
+    // An empty user-data on the cidata drive is skipped like an empty answer, and IMDS is asked.
+    empty_cidata_user_data_is_skipped: Case {
+        offers: &[Offer::Cidata(Reply::Empty), Offer::ImdsV2(Reply::Script("ec2-imdsv2"))],
+        expect: Expect::Ran("ec2-imdsv2"),
+        stderr: &["attempt 1: cidata: */cidata user-data (0 bytes), empty"],
+        requests: &["PUT /latest/api/token ", "GET /latest/user-data "],
+        ..CASE
+    };
+    // A cidata drive whose user-data stays empty: looked at in every attempt, then the hook gives up.
+    gives_up_on_an_empty_cidata_user_data: Case {
+        offers: &[Offer::Cidata(Reply::Empty)],
+        attempts: 2,
+        expect: Expect::GaveUp,
+        stderr: &["attempt 2: cidata: */cidata user-data (0 bytes), empty"],
+        ..CASE
+    };
+    // A #cloud-config on the cidata drive is saved but not run.
+    cidata_cloud_config_is_saved_not_run: Case {
+        offers: &[Offer::Cidata(Reply::CloudConfig)],
+        expect: Expect::Saved("cidata"),
+        ..CASE
+    };
+    // An empty 200 answer is skipped, and the next source's user-data runs.
+    empty_answer_is_skipped: Case {
+        offers: &[Offer::Nimbus(Reply::Empty), Offer::NocloudCmdline(Reply::Script("nocloud"))],
+        expect: Expect::Ran("nocloud"),
+        stderr: &["attempt 1: nimbus: GET * via curl: HTTP 200, empty"],
+        requests: &["GET /nimbus/latest/user-data ", "GET /nocloud/user-data "],
+        ..CASE
+    };
     // The Nimbus URL file (padded, trailing slash) leads to <URL>/latest/user-data, which runs.
     nimbus_url_file: Case {
         offers: &[Offer::Nimbus(Reply::Script("nimbus"))],
@@ -414,6 +490,15 @@ cases! {
         requests: &["PUT /latest/api/token HTTP/1.0", "GET /latest/user-data "],
         ..CASE
     };
+    // On a busybox-only image the cidata drive's user-data is read with busybox's tools alone.
+    busybox_only_reads_cidata: Case {
+        offers: &[Offer::Cidata(Reply::Script("cidata")), Offer::ImdsV2(Reply::Script("ec2-imdsv2"))],
+        tools: Tools::Busybox,
+        expect: Expect::Ran("cidata"),
+        stderr: &["attempt 1: cidata: */cidata user-data (40 bytes)"],
+        no_requests: &["GET ", "PUT "],
+        ..CASE
+    };
     // Busybox wget's failures are read as HTTP statuses and retried like curl's.
     busybox_only_retries_503: Case {
         offers: &[Offer::NocloudSerial(Reply::FailFirst(3, "nocloud"))],
@@ -462,6 +547,7 @@ fn body(reply: Reply, served: &AtomicUsize) -> Answer {
     match reply {
         Reply::Script(name) => script(name),
         Reply::CloudConfig => Answer::Status(200, CLOUD_CONFIG.into()),
+        Reply::Empty => Answer::Status(200, Vec::new()),
         Reply::FailFirst(n, name) => {
             if served.fetch_add(1, Ordering::SeqCst) < n {
                 Answer::Status(503, b"try later\n".to_vec())
@@ -526,7 +612,7 @@ fn which(program: &str) -> PathBuf {
 /// A directory of symlinks to serve as the hook's whole `PATH` for `tools`.
 fn tool_dir(tools: Tools, dir: &Path) -> Option<PathBuf> {
     // Everything the hook calls besides shell builtins, plus what curl/wget/nc replace.
-    const BASICS: &[&str] = &["cat", "mkdir", "rm", "mv", "chmod", "sed", "tr", "sleep", "timeout"];
+    const BASICS: &[&str] = &["cat", "mkdir", "rm", "mv", "chmod", "sed", "tr", "wc", "dd", "sleep", "timeout"];
     let links: Vec<(&str, PathBuf)> = match tools {
         Tools::Host => return None,
         Tools::NoCurl => BASICS.iter().chain(&["wget"]).map(|&name| (name, which(name))).collect(),
@@ -578,8 +664,17 @@ async fn run(case: &'static Case, shell: &'static [&'static str]) -> Result<(), 
     let mut serial = "ec2a3fd2-8ba1-d1bb-3e27-9b5c8a3e2e51".to_owned();
     let mut imds = closed_port_url();
     let config_drive = tmp.path().join("config-drive");
+    let cidata = tmp.path().join("cidata");
     for offer in case.offers {
         match *offer {
+            Offer::Cidata(reply) => {
+                let Answer::Status(200, user_data) = body(reply, &AtomicUsize::new(0)) else {
+                    unreachable!("a cidata drive holds a file")
+                };
+                write(&cidata.join("user-data"), user_data);
+                write(&cidata.join("meta-data"), "instance-id: kiln-test\n");
+            }
+            Offer::CidataWithoutUserData => write(&cidata.join("meta-data"), "instance-id: kiln-test\n"),
             Offer::Nimbus(_) => write(&root.join("var/nimbus-metadata-server-url"), format!("  {url}/nimbus/ \n")),
             Offer::NocloudCmdline(_) => cmdline.push_str(&format!(" ds=nocloud;s={url}/nocloud/ splash")),
             Offer::NocloudSerial(_) => serial = format!("ds=nocloud-net;seedfrom={url}/nocloud"),
@@ -606,6 +701,7 @@ async fn run(case: &'static Case, shell: &'static [&'static str]) -> Result<(), 
         .env("KILN_HOOK_ROOT", &root)
         .env("KILN_HOOK_USER_DATA", &user_data)
         .env("KILN_HOOK_IMDS", &imds)
+        .env("KILN_HOOK_CIDATA", &cidata)
         .env("KILN_HOOK_CONFIG_DRIVE", &config_drive)
         .env("KILN_HOOK_ATTEMPTS", case.attempts.to_string())
         .env("KILN_HOOK_DELAY", "0")

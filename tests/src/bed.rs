@@ -172,37 +172,8 @@ impl Bed {
     }
 
     /// Follows a target's log until `stop(log so far)` or the target's end.
-    pub async fn follow_until(&self, target: TargetId, mut stop: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
-        let follow = async {
-            let resp = self
-                .client
-                .send(self.client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow")))
-                .await
-                .expect("follow");
-            let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
-            let mut log = Vec::new();
-            while let Some(event) = events.next().await {
-                let event = event.expect("event stream");
-                match event.event.as_str() {
-                    "log" => {
-                        let chunk: LogChunk = serde_json::from_str(&event.data).unwrap();
-                        assert_eq!(chunk.offset, log.len() as u64, "follow events are contiguous");
-                        log.extend(base64::engine::general_purpose::STANDARD.decode(chunk.data).unwrap());
-                        if stop(&log) {
-                            return log;
-                        }
-                    }
-                    "end" => {
-                        let end: LogEnd = serde_json::from_str(&event.data).unwrap();
-                        assert_eq!(end.total, log.len() as u64);
-                        return log;
-                    }
-                    other => panic!("unexpected event {other}: {}", event.data),
-                }
-            }
-            panic!("the follow stream ended without an end event");
-        };
-        tokio::time::timeout(BUILD_LIMIT, follow).await.expect("target did not end in time")
+    pub async fn follow_until(&self, target: TargetId, stop: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+        follow_until(&self.client, target, stop).await
     }
 
     /// The whole log through the byte-range endpoint.
@@ -231,13 +202,50 @@ impl Bed {
     }
 }
 
+/// Follows a target's log through `client` until `stop(log so far)` or the
+/// target's end (any coordinator: in-process or a `kiln serve` process).
+pub async fn follow_until(client: &Client, target: TargetId, mut stop: impl FnMut(&[u8]) -> bool) -> Vec<u8> {
+    let follow = async {
+        let resp = client
+            .send(client.request(reqwest::Method::GET, &format!("/v1/targets/{target}/log/follow")))
+            .await
+            .expect("follow");
+        let mut events = eventsource_stream::Eventsource::eventsource(resp.bytes_stream());
+        let mut log = Vec::new();
+        while let Some(event) = events.next().await {
+            let event = event.expect("event stream");
+            match event.event.as_str() {
+                "log" => {
+                    let chunk: LogChunk = serde_json::from_str(&event.data).unwrap();
+                    assert_eq!(chunk.offset, log.len() as u64, "follow events are contiguous");
+                    log.extend(base64::engine::general_purpose::STANDARD.decode(chunk.data).unwrap());
+                    if stop(&log) {
+                        return log;
+                    }
+                }
+                "end" => {
+                    let end: LogEnd = serde_json::from_str(&event.data).unwrap();
+                    assert_eq!(end.total, log.len() as u64);
+                    return log;
+                }
+                other => panic!("unexpected event {other}: {}", event.data),
+            }
+        }
+        panic!("the follow stream ended without an end event");
+    };
+    tokio::time::timeout(BUILD_LIMIT, follow).await.expect("target did not end in time")
+}
+
 fn config(dir: &TempDir, opts: &Options) -> Config {
     let mut config = Config::new(dir.path().join("data"));
     // QEMU guests see the host's loopback at 10.0.2.2; the process provider uses 127.0.0.1.
     config.public_host = "10.0.2.2".into();
-    // EC2 test-bed VMs see the host at 169.254.169.2 (their metadata network).
-    config.server_names = vec!["169.254.169.2".into()];
+    // EC2 and OpenStack test-bed VMs reach the coordinator at this forwarded address.
+    config.server_names = vec![crate::ec2::GUEST_HOST.into()];
     config.agent_binary = crate::agent_binary();
+    if opts.real_qemu {
+        config.guest.relay_program = crate::kiln_binary();
+    }
     config.timeouts.poll_interval = Duration::from_millis(100);
     config.timeouts.token_ttl = opts.token_ttl;
     config.timeouts.agent_contact = opts.agent_contact;

@@ -6,11 +6,13 @@
 //!   the same data directory, with a client and helpers.
 //! - [`browser`]: a headless Chromium over WebDriver, for the web page's tests.
 //! - [`proxy`]: a TCP proxy that can cut every connection through it.
+//! - [`kiln_process`]: `kiln serve` and one-shot builds as real processes.
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
 pub mod browser;
 pub mod ec2;
+pub mod kiln_process;
 pub mod openstack;
 pub mod process;
 pub mod proxy;
@@ -31,6 +33,22 @@ pub fn agent_binary() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The `kiln` executable: QEMU runs it as the relay for guest connections,
+/// and the process tests run it as `kiln serve` and one-shot `kiln build
+/// start`. `scripts/test` builds it; `KILN_BINARY` overrides the path.
+pub fn kiln_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_BINARY") {
+        return PathBuf::from(p);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kiln");
+    assert!(
+        path.exists(),
+        "kiln is missing at {}: run the tests with `scripts/test`, which builds it first",
+        path.display()
+    );
+    std::path::absolute(path).expect("absolute path")
 }
 
 /// kiln's tiny base image (its `image.json`), built once per test run by the

@@ -1,7 +1,7 @@
-//! Plain HTTP for instances that have no certificate yet: the agent binary
-//! and each target's NoCloud seed. Integrity of the agent comes from the
-//! sha256 pinned in user-data, not from transport; the seed's user-data holds
-//! only what the trust model allows anyone who can read user-data to see.
+//! Plain HTTP for instances that have no certificate yet: the agent binary,
+//! and nothing else. Its integrity comes from the sha256 pinned in user-data,
+//! not from transport. No route here serves anything secret: user-data reaches
+//! local VMs on a read-only drive, and other clouds' VMs from their metadata.
 
 use axum::Router;
 use axum::extract::State;
@@ -11,22 +11,11 @@ use axum::routing::get;
 use kiln_protocol::agent::paths;
 use kiln_protocol::error::ErrorCode;
 
-use kiln_protocol::TargetId;
-
 use super::ApiError;
-use super::extract::ApiPath;
 use crate::app::App;
 
 pub fn router(app: App) -> Router {
-    Router::new().route(paths::AGENT_BINARY, get(agent_binary)).route(paths::SEED, get(seed)).with_state(app)
-}
-
-/// A NoCloud seed file of a running target.
-async fn seed(State(app): State<App>, ApiPath((target, file)): ApiPath<(TargetId, String)>) -> Response {
-    match app.seed_file(target, &file) {
-        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    Router::new().route(paths::AGENT_BINARY, get(agent_binary)).with_state(app)
 }
 
 async fn agent_binary(State(app): State<App>) -> Response {

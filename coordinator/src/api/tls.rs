@@ -10,7 +10,6 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use kiln_protocol::TargetId;
 use rustls::pki_types::CertificateDer;
-use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,20 +21,19 @@ use crate::app::PeerIdentity;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves `router` over TLS on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router: Router, shutdown: CancellationToken) {
+/// Serves `router` over TLS on `listener` (TCP, or the Unix socket guests are
+/// relayed to) until `shutdown`.
+pub async fn serve<L>(mut listener: L, tls: Arc<rustls::ServerConfig>, router: Router, shutdown: CancellationToken)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let acceptor = TlsAcceptor::from(tls);
     let connections = TaskTracker::new();
     loop {
+        // The listener retries failed accepts itself.
         let (tcp, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "agent listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
             () = shutdown.cancelled() => break,
         };
         let acceptor = acceptor.clone();
@@ -45,7 +43,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                    tracing::debug!(?remote, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => return,
@@ -58,7 +56,7 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
             let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             tokio::select! {
-                r = conn => if let Err(e) = r { tracing::debug!(%remote, error = %e, "agent connection ended") },
+                r = conn => if let Err(e) = r { tracing::debug!(?remote, error = %e, "agent connection ended") },
                 () = shutdown.cancelled() => {}
             }
         });

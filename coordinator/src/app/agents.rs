@@ -25,8 +25,6 @@ pub struct PeerIdentity {
 }
 
 /// DHCP on every Ethernet interface, for NoCloud images.
-const NETWORK_CONFIG: &str = "version: 2\nethernets:\n  all:\n    match:\n      name: \"e*\"\n    dhcp4: true\n";
-
 /// How long past the script's timeout an agent certificate stays valid.
 const CERT_SLACK: Duration = Duration::from_secs(3600);
 
@@ -125,7 +123,9 @@ impl App {
         let mut env = rev.spec.env.clone();
         env.insert("KILN_BUILD".into(), t.build.to_string());
         env.insert("KILN_CLOUD".into(), t.cloud.name.to_string());
-        Ok(Job { target, script: rev.spec.script, env, timeout_secs: timeout.as_secs() })
+        let network = self.0.providers.get(t.cloud.kind).and_then(|p| p.script_network(&t.cloud));
+        let (egress_proxy, no_proxy) = network.map(|n| (Some(n.proxy), n.no_proxy)).unwrap_or_default();
+        Ok(Job { target, script: rev.spec.script, env, timeout_secs: timeout.as_secs(), egress_proxy, no_proxy })
     }
 
     /// Appends a chunk idempotently and answers with the durable offset.
@@ -239,30 +239,17 @@ impl App {
         .map_err(|e| AppError::Unavailable(format!("cannot render user-data: {e}")))
     }
 
-    /// A file of a target's NoCloud seed, while the target is running.
-    pub fn seed_file(&self, target: TargetId, file: &str) -> Result<String, AppError> {
-        let t = self.target_record(target)?;
+    /// What a target's VM may reach through the egress proxy: its cloud's
+    /// `egress` and `egress_allow` options, overridden by the target's own.
+    /// A target that has ended reaches nothing.
+    pub fn egress_policy(&self, target: &str) -> Result<crate::egress::Policy, AppError> {
+        let id: TargetId = target.parse().map_err(|_| AppError::Forbidden(format!("{target:?} is not a target id")))?;
+        let t = self.target_record(id)?;
         if t.status.is_terminal() {
-            return Err(AppError::NotFound(format!("target {target} has ended; its seed is gone")));
+            return Err(AppError::Forbidden(format!("target {id} has ended; its VM reaches nothing")));
         }
-        match file {
-            "user-data" => {
-                let provider =
-                    self.0.providers.get(t.cloud.kind).ok_or_else(|| {
-                        AppError::Unavailable(format!("no provider for kind {}", t.cloud.kind.as_str()))
-                    })?;
-                let endpoints = provider.endpoints(&t.cloud, &self.0.served);
-                self.user_data(&t, &endpoints, &self.0.pki.tokens().token(target))
-            }
-            "meta-data" => {
-                Ok(format!("instance-id: kiln-{target}\nlocal-hostname: kiln-{}\n", &target.to_string()[..8]))
-            }
-            "vendor-data" => Ok(String::new()),
-            "network-config" => Ok(NETWORK_CONFIG.to_owned()),
-            other => Err(AppError::NotFound(format!(
-                "a NoCloud seed has user-data, meta-data, vendor-data and network-config, not {other:?}"
-            ))),
-        }
+        crate::egress::Policy::from_layers(&t.cloud.options, &t.spec.options)
+            .map_err(|e| AppError::BadRequest(e.to_string()))
     }
 
     pub(crate) fn script_timeout(&self, t: &TargetRecord) -> Duration {

@@ -143,6 +143,14 @@ impl App {
         Ok(out)
     }
 
+    /// The builds that have a target not yet ended, oldest first.
+    pub fn unfinished_builds(&self) -> Result<Vec<BuildId>, AppError> {
+        let mut ids: Vec<BuildId> = self.0.store.unfinished_targets()?.into_iter().map(|t| t.build).collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Cancels every unfinished target of a build; each unwinds (terminates
     /// its instance, deletes a half-made image) and ends `cancelled`.
     pub async fn cancel_build(&self, id: BuildId) -> Result<Build, AppError> {

@@ -12,6 +12,9 @@ impl App {
                 return Err(AppError::BadRequest(format!("{what} is empty: give a value or leave it out")));
             }
         }
+        if let Some(provider) = self.0.providers.get(cloud.kind) {
+            provider.check_cloud(&cloud).map_err(|e| AppError::BadRequest(format!("cloud {}: {e}", cloud.name)))?;
+        }
         let mut cloud = cloud;
         let credentials = cloud.credentials.take();
         let empty = match &credentials {

@@ -18,7 +18,7 @@ use super::{BuildCommand, Client, CloudCommand, Command, GeneratorCommand, Gener
 
 pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Serve(_) => unreachable!("serve runs in-process"),
+        Command::Serve(_) | Command::GuestRelay { .. } => unreachable!("serve and the relay run in-process"),
         Command::Cloud(c) => cloud(client, output, c).await.map(|()| 0),
         Command::Generator(g) => generator(client, output, g).await.map(|()| 0),
         Command::Build(b) => build(client, output, b).await,

@@ -6,6 +6,7 @@ mod commands;
 mod generator_file;
 mod oneshot;
 mod output;
+pub mod relay;
 mod serve;
 mod wait;
 
@@ -54,6 +55,15 @@ pub enum Command {
     /// The images builds made.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Internal: QEMU runs this for each guest connection to kiln's guest-side
+    /// address; it relays the connection to a socket in the data directory.
+    #[command(hide = true)]
+    GuestRelay {
+        socket: PathBuf,
+        /// Name the target to the egress proxy first.
+        #[arg(long)]
+        target: Option<kiln_protocol::TargetId>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +193,9 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match (cli.command, cli.server) {
         (Command::Serve(args), _) => serve::run(args).await.map(|()| 0),
+        (Command::GuestRelay { socket, target }, _) => {
+            tokio::task::spawn_blocking(move || relay::run(&socket, target)).await?.map(|()| 0)
+        }
         (
             Command::Build(BuildCommand::Start { generator, file, base_images, oneshot, revision, clouds, wait: _ }),
             None,

@@ -35,6 +35,10 @@ pub struct ServeArgs {
     /// The host instances use to reach this coordinator (10.0.2.2 is the host as QEMU guests see it).
     #[arg(long, default_value = "10.0.2.2")]
     pub public_host: String,
+    /// The address local VMs reach kiln at, in QEMU's 10.0.2.0/24 (forwarded
+    /// to sockets in the data directory, so it survives a restart on other ports).
+    #[arg(long, default_value_t = crate::config::GuestNet::DEFAULT_ADDRESS)]
+    pub guest_address: std::net::Ipv4Addr,
     /// Another DNS name or address for the agent listener's certificate (repeatable).
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
@@ -53,17 +57,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = Config::new(args.data_dir);
     config.public_host = args.public_host;
     config.server_names = args.server_names;
+    config.guest.address = args.guest_address;
     if let Some(bin) = args.agent_binary {
         config.agent_binary = bin;
     }
     config.limits.max_script_bytes = args.max_script_bytes;
     config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);
+    config.check().map_err(anyhow::Error::msg)?;
     let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)
         .await
         .context("cannot bind the listeners; is another kiln running? pick other ports with --listen, --agent-listen, --bootstrap-listen")?;
     let providers = builtin_providers(&config);
     let server = Server::start(config, providers, listeners).await.context("cannot start the coordinator")?;
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C")?,
+        _ = terminate.recv() => {}
+    }
     tracing::info!("stopping; unfinished targets resume at the next start");
     server.stop().await;
     Ok(())
@@ -72,7 +83,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// The providers compiled into kiln.
 pub fn builtin_providers(config: &Config) -> Providers {
     Providers::new()
-        .with(CloudKind::Qemu, Arc::new(QemuProvider::new(&config.data_dir)))
+        .with(CloudKind::Qemu, Arc::new(QemuProvider::new(config)))
         .with(CloudKind::Ec2, Arc::new(Ec2Provider::new()))
         .with(CloudKind::Openstack, Arc::new(OpenstackProvider::new()))
 }

@@ -48,7 +48,7 @@ pub struct Launch<'a> {
     pub spec: &'a TargetSpec,
     /// The rendered user-data: a shell script that fetches and starts the agent.
     pub user_data: String,
-    /// How the instance reaches the coordinator (and its NoCloud seed).
+    /// How the instance reaches the coordinator.
     pub endpoints: AgentEndpoints,
     /// A human-readable instance name.
     pub name: String,
@@ -87,12 +87,15 @@ impl AgentEndpoints {
     pub fn agent_binary_url(&self) -> String {
         format!("{}{}", self.bootstrap_url, kiln_protocol::agent::paths::AGENT_BINARY)
     }
+}
 
-    /// The NoCloud seed of a target: `user-data`, `meta-data`, `vendor-data`
-    /// and `network-config` are served below it.
-    pub fn seed_url(&self, target: TargetId) -> String {
-        format!("{}{}", self.bootstrap_url, kiln_protocol::agent::paths::seed(target))
-    }
+/// How a script reaches the network when its VM has no route of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScriptNetwork {
+    /// The egress proxy's URL as the guest sees it.
+    pub proxy: String,
+    /// Hosts reached without it.
+    pub no_proxy: Vec<String>,
 }
 
 /// The state of an instance as the cloud reports it.
@@ -172,6 +175,18 @@ pub trait Provider: Send + Sync + 'static {
     fn endpoints(&self, cloud: &Cloud, served: &Served) -> AgentEndpoints {
         let host = cloud.options.get("coordinator_host").unwrap_or(&served.public_host);
         AgentEndpoints::at(host, served)
+    }
+
+    /// Checks a cloud's settings when it is added, so a bad option is a 400
+    /// at `cloud add` rather than a failed build later.
+    fn check_cloud(&self, _cloud: &Cloud) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// The egress proxy the script must use, on clouds whose VMs reach the
+    /// network only through kiln.
+    fn script_network(&self, _cloud: &Cloud) -> Option<ScriptNetwork> {
+        None
     }
 
     /// How often the workflow asks this cloud about an instance; `None` for

@@ -8,8 +8,11 @@
 //!   injects throttling, errors and pending states, and can answer
 //!   GetConsoleOutput with the VMs' real consoles.
 //!
-//! The guest reaches the host's loopback at 169.254.169.2 (QEMU's slirp host
-//! address on 169.254.169.0/24), so a coordinator under test advertises that host.
+//! The guest's network is restricted (QEMU `restrict=on`): it reaches its
+//! metadata service at 169.254.169.254 and the coordinator under test at
+//! [`GUEST_HOST`] on the ports its user-data names, each forwarded to the
+//! host's loopback, and nothing else. A coordinator under test advertises
+//! that host (`coordinator_host`).
 
 mod faults;
 pub(crate) mod http;
@@ -26,8 +29,11 @@ pub use runner::{Consoles, Metadata, Runner, RunnerConfig};
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::types::{ArchitectureValues, BlockDeviceMapping, EbsBlockDevice};
 
-/// Where the guest sees the host's loopback (QEMU user networking's host address).
-pub const GUEST_HOST: &str = "169.254.169.2";
+/// Where the guest reaches the coordinator under test (a `guestfwd` address).
+pub const GUEST_HOST: &str = "169.254.169.100";
+/// QEMU user networking's own host address on the guest's network; with
+/// `restrict=on` the guest reaches nothing there.
+pub const SLIRP_HOST: &str = "169.254.169.2";
 
 /// An EC2 client for `region` at `endpoint` (moto or a [`FaultProxy`]), with
 /// credentials test/test and the SDK's standard retries.

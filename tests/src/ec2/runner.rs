@@ -307,8 +307,8 @@ async fn vm_life(
         r = prepare(shared, id, client, ami) => r?,
         () = cancel.cancelled() => return Ok(End::Killed),
     };
-    let (disk, dir, imds) = prepared;
-    let mut child = vm::qemu(&disk, &dir, imds.addr.port())?.spawn().context("spawn qemu-system-x86_64")?;
+    let (disk, dir, imds, ports) = prepared;
+    let mut child = vm::qemu(&disk, &dir, imds.addr.port(), &ports)?.spawn().context("spawn qemu-system-x86_64")?;
     {
         let mut state = shared.state.lock().unwrap();
         state.booted.push(id.to_owned());
@@ -331,21 +331,23 @@ async fn vm_life(
     }
 }
 
-/// The instance's user-data, base disk, own disk and metadata service.
+/// The instance's user-data, base disk, own disk, metadata service and the
+/// coordinator ports its network forwards.
 async fn prepare(
     shared: &Shared,
     id: &str,
     client: &Client,
     ami: &str,
-) -> anyhow::Result<(BaseDisk, PathBuf, Arc<Imds>)> {
+) -> anyhow::Result<(BaseDisk, PathBuf, Arc<Imds>, Vec<u16>)> {
     let user_data = user_data(client, id).await?;
+    let ports = vm::coordinator_ports(&user_data);
     let base = base_disk(shared, client, ami).await?;
     let dir = shared.config.work_dir.join(id);
     std::fs::create_dir_all(&dir)?;
     let nimbus = shared.config.metadata == Metadata::Nimbus;
     let disk = vm::prepare_disk(&base, &dir, nimbus).await?;
     let imds = Arc::new(Imds::start(id, user_data, !nimbus).await?);
-    Ok((disk, dir, imds))
+    Ok((disk, dir, imds, ports))
 }
 
 /// The user-data moto holds, decoded (RunInstances takes it base64-encoded).

@@ -84,6 +84,17 @@ pub async fn prepare_disk(base: &BaseDisk, dir: &Path, nimbus: bool) -> anyhow::
     Ok(own)
 }
 
+fn netdev(imds_port: u16, coordinator_ports: &[u16]) -> String {
+    let mut arg = format!(
+        "user,id=n0,net=169.254.169.0/24,host={},restrict=on,guestfwd=tcp:169.254.169.254:80-cmd:busybox nc 127.0.0.1 {imds_port}",
+        super::SLIRP_HOST
+    );
+    for port in coordinator_ports {
+        arg.push_str(&format!(",guestfwd=tcp:{}:{port}-cmd:busybox nc 127.0.0.1 {port}", super::GUEST_HOST));
+    }
+    arg
+}
+
 /// Runs a tool to completion; its stdout, or an error with its stderr.
 pub(crate) async fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.stdin(Stdio::null()).kill_on_drop(true).output().await.with_context(|| format!("run {cmd:?}"))?;
@@ -93,10 +104,31 @@ pub(crate) async fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The coordinator ports `user_data` names at [`super::GUEST_HOST`]: the
+/// ones the VM's network forwards, and no others.
+pub fn coordinator_ports(user_data: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(user_data);
+    let prefix = format!("{}:", super::GUEST_HOST);
+    let mut ports: Vec<u16> = text
+        .match_indices(&prefix)
+        .filter_map(|(at, _)| {
+            let digits: String = text[at + prefix.len()..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// QEMU (TCG) booting `disk`, console to `dir/console.log`, stderr to
-/// `dir/qemu.log`, and 169.254.169.254:80 forwarded to `imds_port` on the
-/// host's loopback. Its own process group, so its `nc` children die with it.
-pub fn qemu(disk: &BaseDisk, dir: &Path, imds_port: u16) -> anyhow::Result<Command> {
+/// `dir/qemu.log`, on a restricted network (`restrict=on`): the guest reaches
+/// 169.254.169.254:80, forwarded to `imds_port` on the host's loopback, and
+/// [`super::GUEST_HOST`] at each of `coordinator_ports`, forwarded to the same
+/// port on the host's loopback; nothing else, so a test guest never reaches
+/// anything but the test's own servers. Its own process group, so its `nc`
+/// children die with it.
+pub fn qemu(disk: &BaseDisk, dir: &Path, imds_port: u16, coordinator_ports: &[u16]) -> anyhow::Result<Command> {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.current_dir(dir)
         .args(["-accel", "tcg", "-machine", "q35", "-m", "512", "-smp", "1"])
@@ -113,10 +145,7 @@ pub fn qemu(disk: &BaseDisk, dir: &Path, imds_port: u16) -> anyhow::Result<Comma
     cmd.arg("-drive")
         .arg(format!("file={},format={},if=virtio,discard=unmap", disk.disk.display(), disk.format))
         .arg("-netdev")
-        .arg(format!(
-            "user,id=n0,net=169.254.169.0/24,host={},guestfwd=tcp:169.254.169.254:80-cmd:busybox nc 127.0.0.1 {imds_port}",
-            super::GUEST_HOST
-        ))
+        .arg(netdev(imds_port, coordinator_ports))
         .args(["-device", "virtio-net-pci,netdev=n0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -124,4 +153,14 @@ pub fn qemu(disk: &BaseDisk, dir: &Path, imds_port: u16) -> anyhow::Result<Comma
         .kill_on_drop(true)
         .process_group(0);
     Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    // Only the ports the user-data names at the guest host are forwarded.
+    #[test]
+    fn forwards_the_coordinator_ports_user_data_names() {
+        let user_data = b"agent_url='https://169.254.169.100:7701'\nagent_binary_url='http://169.254.169.100:7702/bootstrap/v1/kiln-agent'\nx=169.254.169.1000\n";
+        assert_eq!(super::coordinator_ports(user_data), [7701, 7702]);
+    }
 }

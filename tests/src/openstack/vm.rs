@@ -104,8 +104,9 @@ async fn life(shared: &Shared, id: &str, cancel: &CancellationToken) -> anyhow::
             own
         }
     };
+    let ports = ec2vm::coordinator_ports(info.user_data.as_deref().unwrap_or_default());
     let service = metadata::Service::start(info, log, cancel.child_token()).await?;
-    let mut child = ec2vm::qemu(&disk, &dir, service.port)?.spawn().context("spawn qemu-system-x86_64")?;
+    let mut child = ec2vm::qemu(&disk, &dir, service.port, &ports)?.spawn().context("spawn qemu-system-x86_64")?;
     {
         let mut state = shared.state.lock().unwrap();
         if let Some(s) = state.servers.get_mut(id) {

@@ -3,15 +3,17 @@
 //! A base image is a disk file (qcow2 or raw) or an image manifest
 //! (`image.json`: disk plus optional kernel, initrd and command line for direct
 //! boot), such as kiln's tiny image or any image a previous build made. Launch
-//! puts a qcow2 overlay on the base and starts QEMU with user-mode networking
-//! and no host forwards, so nothing can connect into the VM: the firewalled
-//! cloud. The NoCloud seed URL goes into the SMBIOS serial (and the kernel
-//! command line for direct boot), so cloud-init images and kiln's boot hook
-//! both find their user-data. The image is the overlay converted into a
-//! standalone qcow2 after the agent sealed the VM and QEMU exited.
+//! puts a qcow2 overlay on the base and starts QEMU with the NoCloud seed on a
+//! read-only `cidata` drive ([`cidata`]) and restricted user-mode networking
+//! ([`net`]): nothing connects into the VM, and the VM reaches only kiln's
+//! endpoints and, through the egress proxy, what its policy allows. The image
+//! is the overlay converted into a standalone qcow2 after the agent sealed the
+//! VM and QEMU exited.
 
 mod accel;
+mod cidata;
 mod image;
+mod net;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -23,18 +25,25 @@ pub use image::Manifest;
 
 use self::accel::Accel;
 use self::image::BaseImage;
-use super::{ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
+use self::net::GuestNetwork;
+use super::{
+    AgentEndpoints, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    ScriptNetwork, Served,
+};
+use crate::config::Config;
+use crate::egress::Policy;
 
 /// The cloud options a `qemu` cloud understands.
-const CLOUD_OPTIONS: &[&str] = &["memory_mib", "cpus", "accel", "coordinator_host"];
-/// The launch options a `qemu` target understands (direct boot overrides).
-const TARGET_OPTIONS: &[&str] = &["kernel", "initrd", "append"];
+const CLOUD_OPTIONS: &[&str] = &["memory_mib", "cpus", "accel", "coordinator_host", "egress", "egress_allow"];
+/// The launch options a `qemu` target understands (direct boot overrides, egress).
+const TARGET_OPTIONS: &[&str] = &["kernel", "initrd", "append", "egress", "egress_allow"];
 
 /// Runs VMs under `root/instances` and keeps images in `images`.
 #[derive(Debug)]
 pub struct QemuProvider {
     root: PathBuf,
     images: PathBuf,
+    net: GuestNetwork,
     accel: tokio::sync::OnceCell<Accel>,
 }
 
@@ -75,14 +84,22 @@ impl Settings {
             Some("tcg") => Some(Accel::Tcg),
             Some(other) => return Err(invalid(format!("option accel is {other:?}; use auto, kvm or tcg"))),
         };
+        Policy::from_options(&cloud.options).map_err(|e| invalid(e.to_string()))?;
         Ok(Self { memory_mib: number("memory_mib", 512, 65536)?, cpus: number("cpus", 1, 64)?, accel })
     }
 }
 
 impl QemuProvider {
-    /// A provider keeping its VMs under `data_dir/qemu` and images under `data_dir/images`.
-    pub fn new(data_dir: &Path) -> Self {
-        Self { root: data_dir.join("qemu"), images: data_dir.join("images"), accel: tokio::sync::OnceCell::new() }
+    /// A provider keeping its VMs under `<data>/qemu` and images under
+    /// `<data>/images`, whose VMs reach the coordinator through its guest sockets.
+    pub fn new(config: &Config) -> Self {
+        let data = &config.data_dir;
+        Self {
+            root: data.join("qemu"),
+            images: data.join("images"),
+            net: GuestNetwork::new(config),
+            accel: tokio::sync::OnceCell::new(),
+        }
     }
 
     fn instance_dir(&self, instance: &InstanceId) -> PathBuf {
@@ -109,14 +126,33 @@ impl QemuProvider {
                 "qemu targets take no instance type or network: size VMs with the cloud's memory_mib and cpus options",
             ));
         }
+        Policy::from_options(&spec.options).map_err(|e| invalid(e.to_string()))?;
         Ok(())
     }
 }
 
 #[async_trait]
 impl Provider for QemuProvider {
+    fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
+        Settings::of(cloud).map(drop)
+    }
+
+    fn endpoints(&self, cloud: &Cloud, _served: &Served) -> AgentEndpoints {
+        self.net.endpoints(cloud.options.get("coordinator_host").map(String::as_str))
+    }
+
+    fn script_network(&self, _cloud: &Cloud) -> Option<ScriptNetwork> {
+        Some(self.net.script_network())
+    }
+
     async fn preflight(&self, cloud: &Cloud, spec: &TargetSpec) -> Result<(), ProviderError> {
         vm::check_installed()?;
+        if !self.net.relay().exists() {
+            return Err(invalid(format!(
+                "the relay QEMU runs for guest connections, {}, does not exist: run kiln from its build directory or install it next to kiln-agent",
+                self.net.relay().display()
+            )));
+        }
         Settings::of(cloud)?;
         Self::check_target(spec)?;
         BaseImage::resolve(spec).await?;
@@ -132,16 +168,17 @@ impl Provider for QemuProvider {
         let settings = Settings::of(launch.cloud)?;
         let base = BaseImage::resolve(launch.spec).await?;
         let accel = self.accel(&settings).await?;
-        vm::start(&vm::VmSpec {
+        let seed = cidata::image(&cidata::files(launch.target, &launch.user_data))?;
+        let spec = vm::VmSpec {
             dir: &dir,
             base: &base,
             accel,
             memory_mib: settings.memory_mib,
             cpus: settings.cpus,
-            seed_url: &launch.endpoints.seed_url(launch.target),
+            netdev: self.net.netdev("net0", launch.target),
             name: &launch.name,
-        })
-        .await?;
+        };
+        vm::start(&spec, cidata::memfd(&seed)?).await?;
         Ok(instance)
     }
 

@@ -1,8 +1,11 @@
 //! One QEMU process per instance, daemonized, so VMs outlive a coordinator
 //! restart; the pid file and the instance directory are its handle.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use command_fds::{CommandFdExt, FdMapping};
 
 use nix::sys::signal::{Signal, kill as send};
 use nix::unistd::Pid;
@@ -54,6 +57,9 @@ fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(tool)).find(|p| p.exists())
 }
 
+/// The fd the cidata drive has in QEMU.
+const CIDATA_FD: i32 = 3;
+
 /// What one VM runs.
 pub struct VmSpec<'a> {
     pub dir: &'a Path,
@@ -61,13 +67,14 @@ pub struct VmSpec<'a> {
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
-    /// The NoCloud seed URL, ending in `/`.
-    pub seed_url: &'a str,
+    /// The `-netdev` argument (id `net0`): restricted, with kiln's forwards.
+    pub netdev: String,
     pub name: &'a str,
 }
 
-/// Creates the overlay and starts QEMU in the background.
-pub async fn start(spec: &VmSpec<'_>) -> Result<(), ProviderError> {
+/// Creates the overlay and starts QEMU in the background with the read-only
+/// `cidata` drive `cidata` (a descriptor QEMU inherits) as its second disk.
+pub async fn start(spec: &VmSpec<'_>, cidata: OwnedFd) -> Result<(), ProviderError> {
     let dir = spec.dir;
     std::fs::create_dir_all(dir).map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
     let overlay = dir.join(OVERLAY);
@@ -79,7 +86,6 @@ pub async fn start(spec: &VmSpec<'_>) -> Result<(), ProviderError> {
     .await?;
     spec.base.save(&dir.join(BASE))?;
 
-    let ds = format!("ds=nocloud;s={}", spec.seed_url);
     // Absolute paths throughout: a daemonized QEMU changes to `/`.
     let path = |name: &str| dir.join(name).display().to_string();
     let mut cmd = tokio::process::Command::new(qemu_binary());
@@ -90,16 +96,21 @@ pub async fn start(spec: &VmSpec<'_>) -> Result<(), ProviderError> {
         .args(["-nodefaults", "-display", "none", "-no-reboot", "-daemonize"])
         .args(["-pidfile", &path(PIDFILE), "-serial", &format!("file:{}", path(CONSOLE))])
         .args(["-drive", &format!("file={},format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap", path(OVERLAY))])
-        // User-mode networking with no host forwards: the VM reaches out, nothing reaches in.
-        .args(["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0"])
-        .args(["-smbios", &format!("type=1,serial={ds}")]);
+        // The seed: /dev/vdb, read-only, from the inherited memfd.
+        .args(["-add-fd", &format!("fd={CIDATA_FD},set=1,opaque=cidata")])
+        .args(["-drive", "file=/dev/fdset/1,format=raw,if=virtio,readonly=on"])
+        // Restricted user-mode networking: nothing reaches in, and out only kiln's forwards.
+        .args(["-netdev", &spec.netdev, "-device", "virtio-net-pci,netdev=net0"])
+        // Tells cloud-init's ds-identify to look for the NoCloud drive.
+        .args(["-smbios", "type=1,serial=ds=nocloud"]);
+    cmd.fd_mappings(vec![FdMapping { parent_fd: cidata, child_fd: CIDATA_FD }])
+        .map_err(|e| failed(format!("cannot hand the cidata drive to QEMU: {e}")))?;
     if let Some(kernel) = &spec.base.kernel {
         cmd.arg("-kernel").arg(kernel);
         if let Some(initrd) = &spec.base.initrd {
             cmd.arg("-initrd").arg(initrd);
         }
-        let append = spec.base.append.as_deref().unwrap_or("console=ttyS0");
-        cmd.args(["-append", &format!("{append} {ds}")]);
+        cmd.args(["-append", spec.base.append.as_deref().unwrap_or("console=ttyS0")]);
     }
     run(&mut cmd).await
 }
@@ -152,12 +163,49 @@ pub fn console_tail(dir: &Path) -> Result<String, ProviderError> {
     let _ = file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
     let mut bytes = Vec::new();
     let _ = file.read_to_end(&mut bytes);
-    Ok(String::from_utf8_lossy(&bytes).replace('\r', ""))
+    Ok(strip_escapes(&String::from_utf8_lossy(&bytes)).replace('\r', ""))
+}
+
+/// `text` without terminal control sequences (colours, cursor moves) that
+/// guests' programs print on their console: an error quotes plain text.
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        // CSI: ESC [ parameters, then one final byte in @..~; a charset
+        // designation: ESC ( B and the like; other escapes: one more char.
+        match chars.next() {
+            Some('[') => while chars.next().is_some_and(|c| !('@'..='~').contains(&c)) {},
+            Some('(' | ')' | '*' | '+') => {
+                chars.next();
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Colours and cursor controls from a guest's console are not quoted.
+    #[test]
+    fn console_escapes_are_stripped() {
+        let cases = [
+            ("\u{1b}[2m2026-01-01\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m ran", "2026-01-01  INFO ran"),
+            ("plain\n", "plain\n"),
+            ("\u{1b}[1;31mred\u{1b}[m and \u{1b}(Bcharset", "red and charset"),
+            ("cut off \u{1b}[3", "cut off "),
+        ];
+        for (input, want) in cases {
+            assert_eq!(strip_escapes(input), want, "{input:?}");
+        }
+    }
 
     // A missing QEMU is one line saying what to install.
     #[test]
