@@ -6,8 +6,8 @@ use tracing_subscriber::EnvFilter;
 fn main() -> std::process::ExitCode {
     let cli = kiln_coordinator::cli::Cli::parse();
     // The relay runs once per guest connection: no runtime, no logging, at once.
-    if let kiln_coordinator::cli::Command::GuestRelay { socket, target } = &cli.command {
-        return match kiln_coordinator::cli::relay::run(socket, *target) {
+    if let kiln_coordinator::cli::Command::GuestRelay { socket, target, slots } = &cli.command {
+        return match kiln_coordinator::cli::relay::run(socket, *target, slots.as_deref()) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("kiln guest-relay: {e:#}");

@@ -161,6 +161,8 @@ async fn failed_local_targets_leave_nothing_behind() {
     assert!(err.message.contains("kiln-boot-hook"), "the error quotes the console: {}", err.message);
 
     for b in [&fails, &killed, &lost] {
+        let message = &b.targets[0].error.as_ref().unwrap().message;
+        assert!(!message.contains('\u{1b}'), "console text is quoted without terminal escapes: {message:?}");
         assert_eq!(b.status, Status::Failed);
         assert!(b.targets[0].image.is_none());
     }

@@ -76,6 +76,12 @@ done
 name="proxied 169.254.169.254:80" probe "http://169.254.169.254/latest/meta-data/" &
 wait
 name="allowed" probe "http://127.0.0.1:$ALLOWED_PORT/"
+# A name lookup through QEMU's DNS forwarder would leave the machine too.
+out=$(timeout 4 nslookup kiln-probe.invalid 10.0.2.3 2>&1)
+case $out in
+    *NXDOMAIN* | *SERVFAIL* | *REFUSED* | *Name:*) echo "reached dns: $out" ;;
+    *) echo "refused dns: $(echo "$out" | tail -n 1)" ;;
+esac
 echo "probes done"
 "#;
 
@@ -125,7 +131,7 @@ async fn guest_reaches_only_kiln_and_its_allowlist() {
                 assert!(refused(&format!("proxied {host}:{port}")), "{}: proxied {host}:{port}: {log}", t.cloud);
             }
         }
-        for name in ["direct 169.254.169.254:80", "direct 10.0.2.100:7700", "proxied 169.254.169.254:80"] {
+        for name in ["direct 169.254.169.254:80", "direct 10.0.2.100:7700", "proxied 169.254.169.254:80", "dns"] {
             assert!(refused(name), "{}: {name}: {log}", t.cloud);
         }
         for name in [format!("proxied 127.0.0.1:{api_port}"), format!("proxied localhost:{api_port}")] {

@@ -63,6 +63,9 @@ pub enum Command {
         /// Name the target to the egress proxy first.
         #[arg(long)]
         target: Option<kiln_protocol::TargetId>,
+        /// Hold one of a bounded number of lock slots in this directory.
+        #[arg(long)]
+        slots: Option<PathBuf>,
     },
 }
 
@@ -193,8 +196,8 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match (cli.command, cli.server) {
         (Command::Serve(args), _) => serve::run(args).await.map(|()| 0),
-        (Command::GuestRelay { socket, target }, _) => {
-            tokio::task::spawn_blocking(move || relay::run(&socket, target)).await?.map(|()| 0)
+        (Command::GuestRelay { socket, target, slots }, _) => {
+            tokio::task::spawn_blocking(move || relay::run(&socket, target, slots.as_deref())).await?.map(|()| 0)
         }
         (
             Command::Build(BuildCommand::Start { generator, file, base_images, oneshot, revision, clouds, wait: _ }),

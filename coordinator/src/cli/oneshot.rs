@@ -150,10 +150,11 @@ fn absolute_paths(start: &mut StartArgs) {
     for o in &mut start.base_images {
         if let Some((cloud, image)) = o.split_once('=') {
             let path = Path::new(image);
-            if path.is_relative() && path.exists() {
-                if let Ok(abs) = std::path::absolute(path) {
-                    *o = format!("{cloud}={}", abs.display());
-                }
+            if let Ok(abs) = std::path::absolute(path)
+                && path.is_relative()
+                && path.exists()
+            {
+                *o = format!("{cloud}={}", abs.display());
             }
         }
     }

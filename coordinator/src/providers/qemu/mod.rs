@@ -175,7 +175,7 @@ impl Provider for QemuProvider {
             accel,
             memory_mib: settings.memory_mib,
             cpus: settings.cpus,
-            netdev: self.net.netdev("net0", launch.target),
+            netdev: self.net.netdev("net0", launch.target, &dir.join("relays")),
             name: &launch.name,
         };
         vm::start(&spec, cidata::memfd(&seed)?).await?;

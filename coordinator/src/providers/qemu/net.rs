@@ -51,11 +51,13 @@ impl GuestNetwork {
         }
     }
 
-    /// The `-netdev` argument for `target`'s VM.
-    pub fn netdev(&self, id: &str, target: TargetId) -> String {
+    /// The `-netdev` argument for `target`'s VM; its relays take their
+    /// slots in `slots` (the instance's own directory).
+    pub fn netdev(&self, id: &str, target: TargetId, slots: &Path) -> String {
         let mut arg = format!("user,id={id},restrict=on");
         for (socket, path) in &self.sockets {
-            let mut cmd = format!("{} guest-relay {}", shell_word(&self.relay), shell_word(path));
+            let mut cmd =
+                format!("{} guest-relay {} --slots {}", shell_word(&self.relay), shell_word(path), shell_word(slots));
             if *socket == GuestSocket::Egress {
                 cmd.push_str(&format!(" --target {target}"));
             }
@@ -85,8 +87,8 @@ mod tests {
         config.guest.relay_program = "/bin/kiln".into();
         let net = GuestNetwork::new(&config);
         let target: TargetId = "0190a4b2-0000-7000-8000-000000000001".parse().unwrap();
-        expect_test::expect![[r#"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:443-cmd:'/bin/kiln' guest-relay '/d,,a'\''ta/run/agent.sock',guestfwd=tcp:10.0.2.100:80-cmd:'/bin/kiln' guest-relay '/d,,a'\''ta/run/bootstrap.sock',guestfwd=tcp:10.0.2.100:3128-cmd:'/bin/kiln' guest-relay '/d,,a'\''ta/run/egress.sock' --target 0190a4b2-0000-7000-8000-000000000001"#]]
-        .assert_eq(&net.netdev("n0", target));
+        expect_test::expect![[r#"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:443-cmd:'/bin/kiln' guest-relay '/d,,a'\''ta/run/agent.sock' --slots '/i',guestfwd=tcp:10.0.2.100:80-cmd:'/bin/kiln' guest-relay '/d,,a'\''ta/run/bootstrap.sock' --slots '/i',guestfwd=tcp:10.0.2.100:3128-cmd:'/bin/kiln' guest-relay '/d,,a'\''ta/run/egress.sock' --slots '/i' --target 0190a4b2-0000-7000-8000-000000000001"#]]
+        .assert_eq(&net.netdev("n0", target, Path::new("/i")));
         assert_eq!(net.endpoints(None).agent_url, "https://10.0.2.100:443");
         assert_eq!(net.endpoints(Some("10.0.2.99")).bootstrap_url, "http://10.0.2.99:80");
         assert_eq!(net.script_network().proxy, "http://10.0.2.100:3128");
