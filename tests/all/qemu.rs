@@ -158,7 +158,7 @@ async fn failed_local_targets_leave_nothing_behind() {
     let err = lost.targets[0].error.as_ref().unwrap();
     assert_eq!((err.reason, err.step), (FailureReason::AgentUnreachable, Step::AwaitAgent), "{err:#?}");
     assert!(err.message.contains("did not phone home within 60s"), "{}", err.message);
-    assert!(err.message.contains("kiln-boot-hook"), "the error quotes the console: {}", err.message);
+    assert!(err.message.contains("kiln-bootstrap: attempt"), "the error quotes the console: {}", err.message);
 
     for b in [&fails, &killed, &lost] {
         let message = &b.targets[0].error.as_ref().unwrap().message;
