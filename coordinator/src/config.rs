@@ -9,8 +9,9 @@ use std::time::Duration;
 pub struct Config {
     /// Holds the sled database, the CA, and the log files.
     pub data_dir: PathBuf,
-    /// The host instances use to reach the coordinator unless a cloud says
-    /// otherwise (QEMU's user network sees the host as 10.0.2.2).
+    /// The host EC2 and OpenStack instances use to reach the coordinator
+    /// unless a cloud says otherwise (`coordinator_host`); local VMs use
+    /// [`GuestNet::address`] instead.
     pub public_host: String,
     /// Extra DNS names and addresses for the agent listener's certificate.
     pub server_names: Vec<String>,

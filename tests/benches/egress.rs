@@ -40,7 +40,7 @@ async fn main() {
     let cloud = json!({"name": "local", "kind": "qemu", "options": {"egress_allow": allow}});
     let _: serde_json::Value = bed.client.post("/v1/clouds", &cloud).await.unwrap();
     let script = format!(
-        "s=$(date +%s%N)\nwget -q -O /dev/null http://127.0.0.1:{port}/blob || exit 1\ne=$(date +%s%N)\necho \"$s $e\"\n"
+        "read s _ </proc/uptime\nwget -q -O /dev/null http://127.0.0.1:{port}/blob || exit 1\nread e _ </proc/uptime\necho \"$s $e\"\n"
     );
     let mut spec = Bed::spec("egress", &script, &["local"]);
     for t in spec.targets.values_mut() {
@@ -61,7 +61,7 @@ async fn main() {
         .split_whitespace()
         .map(|n| n.parse::<f64>().ok())
         .collect::<Option<Vec<_>>>()
-        .and_then(|v| (v.len() == 2).then(|| (v[1] - v[0]) / 1e9));
+        .and_then(|v| (v.len() == 2).then(|| v[1] - v[0]));
     println!("egress proxy, {mb} MB from a loopback server into the VM:");
     if let Some(secs) = guest {
         println!("  guest-timed    {:6.1} MB/s ({secs:.1} s)", mb as f64 * 1.048_576 / secs);

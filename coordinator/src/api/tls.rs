@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use kiln_protocol::TargetId;
@@ -39,6 +39,7 @@ where
         let acceptor = acceptor.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let executor = Tracked { tasks: connections.clone(), shutdown: shutdown.clone() };
         connections.spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
@@ -53,7 +54,7 @@ where
                 req.extensions_mut().insert(peer.clone());
                 req
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
+            let builder = auto::Builder::new(executor);
             let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             tokio::select! {
                 r = conn => if let Err(e) = r { tracing::debug!(?remote, error = %e, "agent connection ended") },
@@ -63,6 +64,24 @@ where
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Runs HTTP/2 streams as tasks of the listener, stopped at shutdown, so no
+/// request handler (an instruction long poll) outlives the listener.
+#[derive(Clone)]
+struct Tracked {
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl<F> hyper::rt::Executor<F> for Tracked
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        self.tasks.spawn(self.shutdown.clone().run_until_cancelled_owned(future));
+    }
 }
 
 /// The target and serial named in a verified client certificate.

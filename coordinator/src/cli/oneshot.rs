@@ -91,6 +91,8 @@ pub async fn run(args: OneShotArgs, output: Output, mut start: StartArgs) -> any
             "some targets are still unwinding; the next `kiln build start` or `kiln serve` on this data directory finishes them"
         );
     }
+    // The server closes the store once it holds the last handle on the app.
+    drop(app);
     server.stop().await;
     result
 }

@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// The plain-HTTP listener that serves the agent binary.
     #[arg(long, default_value = "0.0.0.0:7702")]
     pub bootstrap_listen: SocketAddr,
-    /// The host instances use to reach this coordinator (10.0.2.2 is the host as QEMU guests see it).
+    /// The host other clouds' instances use to reach this coordinator (a cloud's
+    /// coordinator_host option overrides it; local VMs use --guest-address).
     #[arg(long, default_value = "10.0.2.2")]
     pub public_host: String,
     /// The address local VMs reach kiln at, in QEMU's 10.0.2.0/24 (forwarded
