@@ -123,18 +123,14 @@ impl App {
     /// Waits until no target's workflow is running (every unwind done), at
     /// most `limit`; true when none is left.
     pub async fn wait_for_workflows(&self, limit: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + limit;
         let mut changes = self.subscribe_changes();
-        while !self.0.tasks.is_empty() {
-            // A workflow ends without a change notice at times: look again now and then.
-            let tick = tokio::time::Instant::now() + std::time::Duration::from_millis(200);
-            if tokio::time::timeout_at(deadline.min(tick), changes.changed()).await.is_err()
-                && tokio::time::Instant::now() >= deadline
-            {
-                return self.0.tasks.is_empty();
+        let settled = async {
+            while !self.0.tasks.is_empty() {
+                // A workflow can end without a change notice: look again now and then.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(200), changes.changed()).await;
             }
-        }
-        true
+        };
+        tokio::time::timeout(limit, settled).await.is_ok()
     }
 
     /// Stops every workflow where it is (each resumes at the next start) and
