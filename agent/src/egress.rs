@@ -128,6 +128,7 @@ mod tests {
             timeout_secs: 60,
             egress_proxy: proxy.map(str::to_owned),
             no_proxy: vec!["10.0.2.100".into(), "localhost".into()],
+            generalize: true,
         }
     }
 

@@ -33,6 +33,7 @@ pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
     drop(credentials);
 
     let job = coordinator::fetch_job(&api).await?;
+    let generalize = job.generalize;
     match run_and_report(&api, &layout, job).await {
         Err(err) if matches!(Stop::find(&err), Some(Stop::TargetEnded)) => {
             if let Err(cleanup) = seal::finish(&layout) {
@@ -48,7 +49,7 @@ pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
             seal::finish(&layout)?;
             Err(Stop::RefusedToSeal.into())
         }
-        Instruction::Seal => seal::seal(&api, &layout).await,
+        Instruction::Seal => seal::seal(&api, &layout, generalize).await,
         Instruction::Finish | Instruction::Wait => seal::finish(&layout),
     }
 }

@@ -193,6 +193,7 @@ mod tests {
             timeout_secs,
             egress_proxy: None,
             no_proxy: Vec::new(),
+            generalize: true,
         }
     }
 

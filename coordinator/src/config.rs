@@ -19,6 +19,13 @@ pub struct Config {
     pub agent_binary: PathBuf,
     /// How local VMs reach the coordinator.
     pub guest: GuestNet,
+    /// Directories local base images, kernels and initrds may come from
+    /// (`--image-dir`), absolute; kiln's image store and [`Self::image_cache`]
+    /// are allowed besides them.
+    pub image_dirs: Vec<PathBuf>,
+    /// Where kiln's tiny image is cached (scripts/quickstart builds it there):
+    /// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln`.
+    pub image_cache: Option<PathBuf>,
     pub limits: Limits,
     pub timeouts: Timeouts,
 }
@@ -160,9 +167,16 @@ impl Config {
             server_names: Vec::new(),
             agent_binary: default_agent_binary(),
             guest: GuestNet { address: GuestNet::DEFAULT_ADDRESS, relay_program: default_relay_program() },
+            image_dirs: Vec::new(),
+            image_cache: image_cache(|key| std::env::var_os(key)),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }
+    }
+
+    /// kiln's image store: where output images go, so each can be the next base.
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
     }
 
     /// Where the sockets guest connections are relayed to live.
@@ -175,10 +189,16 @@ impl Config {
         self.run_dir().join(socket.file_name())
     }
 
-    /// Checks what can be wrong before anything is opened: the guest address
-    /// and the length of the socket paths.
+    /// Checks what can be wrong before anything is opened: the guest address,
+    /// the length of the socket paths and the image directories.
     pub fn check(&self) -> Result<(), String> {
         GuestNet::check_address(self.guest.address)?;
+        if let Some(dir) = self.image_dirs.iter().find(|d| !d.is_dir()) {
+            return Err(format!(
+                "the image directory {} (--image-dir) is not a directory: create it or give another",
+                dir.display()
+            ));
+        }
         let longest = self.guest_socket(GuestSocket::Bootstrap);
         if longest.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(format!(
@@ -216,6 +236,16 @@ fn default_relay_program() -> PathBuf {
     }
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     [dir.join("kiln"), dir.join("../kiln")].into_iter().find(|p| p.exists()).unwrap_or_else(|| dir.join("kiln"))
+}
+
+/// The tiny-image cache from the environment (`env` reads a variable):
+/// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln`;
+/// empty and relative values count as unset.
+fn image_cache(env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let var = |key: &str| env(key).map(PathBuf::from).filter(|p| p.is_absolute());
+    var("KILN_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("kiln")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/kiln")))
 }
 
 /// `kiln-agent` next to the running `kiln` executable.
@@ -261,5 +291,24 @@ mod tests {
         let err = Config::new(deep).check().unwrap_err();
         assert!(err.contains("too deep") && err.contains("--data-dir"), "{err}");
         assert!(Config::new("/tmp/kiln".into()).check().is_ok());
+    }
+
+    // The tiny-image cache follows KILN_CACHE_DIR, then XDG_CACHE_HOME, then
+    // HOME, ignoring empty and relative values.
+    #[test]
+    fn image_cache_follows_the_environment() {
+        type Vars = &'static [(&'static str, &'static str)];
+        let cases: [(Vars, Option<&str>); 6] = [
+            (&[("KILN_CACHE_DIR", "/k"), ("XDG_CACHE_HOME", "/x"), ("HOME", "/h")], Some("/k")),
+            (&[("XDG_CACHE_HOME", "/x"), ("HOME", "/h")], Some("/x/kiln")),
+            (&[("HOME", "/h")], Some("/h/.cache/kiln")),
+            (&[("KILN_CACHE_DIR", ""), ("XDG_CACHE_HOME", "rel"), ("HOME", "/h")], Some("/h/.cache/kiln")),
+            (&[("HOME", "")], None),
+            (&[], None),
+        ];
+        for (vars, want) in cases {
+            let got = image_cache(|key| vars.iter().find(|(k, _)| *k == key).map(|(_, v)| v.into()));
+            assert_eq!(got, want.map(PathBuf::from), "{vars:?}");
+        }
     }
 }

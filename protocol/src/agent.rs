@@ -81,6 +81,13 @@ pub struct Job {
     /// Hosts the script reaches without the proxy (`no_proxy`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub no_proxy: Vec<String>,
+    /// Whether the seal generalizes the machine (see `GeneratorSpec::generalize`).
+    #[serde(default = "yes")]
+    pub generalize: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Query of a log `PUT`: where the body's bytes start.

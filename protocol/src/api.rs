@@ -99,6 +99,12 @@ pub struct GeneratorSpec {
     /// Environment variables given to the script.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Whether the seal generalizes the image so each instance booted from it
+    /// is a fresh machine: cloud-init's state and logs, the machine-id, SSH
+    /// host keys, apt lists and the hostname go (default `true`). The seal
+    /// always removes kiln's own files and zero-fills free space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generalize: Option<bool>,
     /// Per cloud: the base image and launch options.
     pub targets: BTreeMap<CloudName, TargetSpec>,
 }

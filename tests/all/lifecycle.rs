@@ -19,11 +19,17 @@ fn tiny() -> String {
     kiln_tests::tiny_image().display().to_string()
 }
 
+/// The tiny image's directory, which kiln must be told it may take images from.
+fn tiny_dir() -> String {
+    kiln_tests::tiny_image().parent().unwrap().display().to_string()
+}
+
 /// `kiln serve` on `data` with its API on `port` (agents and bootstrap on
 /// ephemeral ports: local VMs never use them), once it listens.
 async fn serve(data: &Path, port: u16) -> (KilnProcess, Client) {
     let listen = format!("127.0.0.1:{port}");
-    let args = ["serve", "--data-dir", data.to_str().unwrap(), "--listen", &listen];
+    let tiny_dir = tiny_dir();
+    let args = ["serve", "--data-dir", data.to_str().unwrap(), "--listen", &listen, "--image-dir", &tiny_dir];
     let mut kiln = KilnProcess::spawn(
         args.iter().copied().chain(["--agent-listen", "127.0.0.1:0", "--bootstrap-listen", "127.0.0.1:0"]),
         data.parent().unwrap(),
@@ -86,13 +92,14 @@ async fn a_killed_one_shot_is_finished_by_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join(".kiln-data");
     let slow = generator_file(dir.path(), "slow", "echo started\nsleep 12\necho finished\n");
-    let first = KilnProcess::spawn(["build", "start", "--file", &slow], dir.path());
+    let tiny_dir = tiny_dir();
+    let first = KilnProcess::spawn(["build", "start", "--file", &slow, "--image-dir", &tiny_dir], dir.path());
     let log = wait_for_log_file(&data, "started\n", BUILD_LIMIT).await.expect("the script started");
     first.kill9().await;
     assert_eq!(qemu_processes_in(&data).len(), 1, "the VM outlives the killed one-shot");
 
     let quick = generator_file(dir.path(), "quick", "echo quick\n");
-    let mut second = KilnProcess::spawn(["build", "start", "--file", &quick], dir.path());
+    let mut second = KilnProcess::spawn(["build", "start", "--file", &quick, "--image-dir", &tiny_dir], dir.path());
     assert_eq!(second.exit_code(BUILD_LIMIT).await, Some(0), "{}", second.stderr());
     let stderr = second.stderr();
     assert!(stderr.contains("resuming build") && stderr.contains("of slow"), "{stderr}");
@@ -110,7 +117,8 @@ async fn an_interrupted_one_shot_unwinds() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let long = generator_file(dir.path(), "long", "echo started\nsleep 600\n");
-    let args = ["build", "start", "--file", &long, "--data-dir", "data"];
+    let tiny_dir = tiny_dir();
+    let args = ["build", "start", "--file", &long, "--data-dir", "data", "--image-dir", &tiny_dir];
     let mut kiln = KilnProcess::spawn(args, dir.path());
     wait_for_log_file(&data, "started\n", BUILD_LIMIT).await.expect("the script started");
     kiln.signal(Signal::SIGINT);

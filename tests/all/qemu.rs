@@ -171,15 +171,17 @@ async fn failed_local_targets_leave_nothing_behind() {
     assert!(processes_in(&data(&bed).join("qemu")).is_empty(), "no QEMU is left running");
 }
 
-// A base image that does not exist or is not a disk is refused before anything starts.
+// A base image that does not exist or is not a disk is refused before anything starts
+// (tests/all/confinement.rs has the paths that are refused for where they lead).
 #[tokio::test]
 async fn bad_base_images_are_refused_up_front() {
     let bed = Bed::with(Options::qemu()).await;
     add_qemu_cloud(&bed, "local", json!({})).await;
-    let text = bed.dir.path().join("notes.txt");
+    let text = bed.image_dir().join("notes.txt");
     std::fs::write(&text, "not a disk\n").unwrap();
+    let missing = bed.image_dir().join("base.qcow2");
     let cases = [
-        ("/nonexistent/base.qcow2", "does not exist"),
+        (missing.to_str().unwrap(), "does not exist"),
         ("relative.qcow2", "must be an absolute path"),
         (text.to_str().unwrap(), "is not a disk image"),
     ];

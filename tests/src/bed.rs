@@ -1,6 +1,7 @@
 //! An in-process coordinator on loopback, driven through its HTTP API.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +18,9 @@ use tempfile::TempDir;
 
 use crate::process::ProcessProvider;
 
-/// The longest any test waits for a build to end.
-pub const BUILD_LIMIT: Duration = Duration::from_secs(180);
+/// The longest any test waits for a build to end (a stock cloud image under
+/// TCG boots in about 70 s, and its seal zero-fills a 2 GiB disk).
+pub const BUILD_LIMIT: Duration = Duration::from_secs(480);
 
 /// Knobs a test may turn.
 #[derive(Clone, Debug)]
@@ -60,6 +62,7 @@ impl Bed {
     pub async fn with(opts: Options) -> Self {
         crate::init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join(IMAGE_DIR)).expect("create the bed's image directory");
         let provider = Arc::new(ProcessProvider::new(&dir.path().join("provider")));
         let any = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(any, any, any).await.expect("bind");
@@ -78,6 +81,17 @@ impl Bed {
 
     pub fn addrs(&self) -> Addrs {
         self.addrs
+    }
+
+    /// The bed's own image directory, one of the coordinator's `--image-dir`s
+    /// (base images a test makes go here).
+    pub fn image_dir(&self) -> PathBuf {
+        self.dir.path().join(IMAGE_DIR)
+    }
+
+    /// The coordinator's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
     }
 
     /// Stops the coordinator mid-flight and starts it again on the same data
@@ -112,6 +126,7 @@ impl Bed {
             script: script.into(),
             timeout_secs: None,
             env: BTreeMap::new(),
+            generalize: None,
             targets: clouds
                 .iter()
                 .map(|c| {
@@ -236,8 +251,28 @@ pub async fn follow_until(client: &Client, target: TargetId, mut stop: impl FnMu
     tokio::time::timeout(BUILD_LIMIT, follow).await.expect("target did not end in time")
 }
 
+/// The bed's image directory, under its temporary directory.
+const IMAGE_DIR: &str = "images";
+
+/// Where local base images may come from: the bed's image directory and the
+/// tiny image's cache (target/kiln-cache, or the directory of `KILN_TINY_IMAGE`).
+fn image_dirs(dir: &TempDir) -> Vec<PathBuf> {
+    let cache = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/kiln-cache");
+    std::fs::create_dir_all(&cache).expect("create target/kiln-cache");
+    let cache = cache.canonicalize().expect("canonical path");
+    let given = std::env::var_os("KILN_TINY_IMAGE")
+        .and_then(|p| std::path::absolute(PathBuf::from(p)).ok())
+        .and_then(|p| p.parent().map(PathBuf::from));
+    [dir.path().join(IMAGE_DIR), cache]
+        .into_iter()
+        .chain(given)
+        .map(|d| std::path::absolute(d).expect("absolute path"))
+        .collect()
+}
+
 fn config(dir: &TempDir, opts: &Options) -> Config {
     let mut config = Config::new(dir.path().join("data"));
+    config.image_dirs = image_dirs(dir);
     // QEMU guests see the host's loopback at 10.0.2.2; the process provider uses 127.0.0.1.
     config.public_host = "10.0.2.2".into();
     // EC2 and OpenStack test-bed VMs reach the coordinator at this forwarded address.

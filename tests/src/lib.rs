@@ -7,10 +7,12 @@
 //! - [`browser`]: a headless Chromium over WebDriver, for the web page's tests.
 //! - [`proxy`]: a TCP proxy that can cut every connection through it.
 //! - [`kiln_process`]: `kiln serve` and one-shot builds as real processes.
+//! - [`disk`]: an image's raw bytes, searched for secrets.
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
 pub mod browser;
+pub mod disk;
 pub mod ec2;
 pub mod kiln_process;
 pub mod openstack;
@@ -71,6 +73,36 @@ pub fn tiny_image() -> PathBuf {
             assert!(out.status.success(), "the tiny image recipe failed (is scripts/install-deps done?)");
             let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
             PathBuf::from(stdout.lines().last().expect("the recipe prints the manifest path").trim())
+        })
+        .clone()
+}
+
+/// A stock Debian 12 cloud image (its `disk.qcow2`: GPT, grub-pc, cloud-init
+/// with Debian's datasource list; it boots by itself under SeaBIOS), built once
+/// by tests/images/build-debian-cloud.sh (as root, about 75 s on a quiet
+/// machine) and cached under target/kiln-cache by the hash of its inputs.
+/// `KILN_DEBIAN_IMAGE` overrides the path.
+pub fn debian_cloud_image() -> PathBuf {
+    static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if let Ok(p) = std::env::var("KILN_DEBIAN_IMAGE") {
+                return PathBuf::from(p);
+            }
+            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+            let out = std::process::Command::new("bash")
+                .arg(root.join("tests/images/build-debian-cloud.sh"))
+                .arg(root.join("target/kiln-cache"))
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("run the Debian cloud image recipe");
+            assert!(
+                out.status.success(),
+                "the Debian cloud image recipe failed: it needs root and scripts/install-deps \
+                 (mmdebstrap, sgdisk), or set KILN_DEBIAN_IMAGE to a built disk.qcow2"
+            );
+            let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+            PathBuf::from(stdout.lines().last().expect("the recipe prints the disk path").trim())
         })
         .clone()
 }

@@ -125,7 +125,15 @@ impl App {
         env.insert("KILN_CLOUD".into(), t.cloud.name.to_string());
         let network = self.0.providers.get(t.cloud.kind).and_then(|p| p.script_network(&t.cloud));
         let (egress_proxy, no_proxy) = network.map(|n| (Some(n.proxy), n.no_proxy)).unwrap_or_default();
-        Ok(Job { target, script: rev.spec.script, env, timeout_secs: timeout.as_secs(), egress_proxy, no_proxy })
+        Ok(Job {
+            target,
+            script: rev.spec.script,
+            env,
+            timeout_secs: timeout.as_secs(),
+            egress_proxy,
+            no_proxy,
+            generalize: rev.spec.generalize.unwrap_or(true),
+        })
     }
 
     /// Appends a chunk idempotently and answers with the durable offset.

@@ -31,6 +31,9 @@ pub struct GeneratorFile {
     pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Generalize the sealed image (default on).
+    #[serde(default)]
+    pub generalize: Option<bool>,
     #[serde(default)]
     pub targets: BTreeMap<CloudName, TargetSpec>,
 }
@@ -50,6 +53,7 @@ impl GeneratorFile {
             script,
             timeout_secs: file.timeout_secs,
             env: file.env,
+            generalize: file.generalize,
             targets: file.targets,
         })
     }

@@ -34,6 +34,10 @@ pub struct OneShotArgs {
     /// One-shot only: the address local VMs reach kiln at, in QEMU's 10.0.2.0/24.
     #[arg(long, default_value_t = crate::config::GuestNet::DEFAULT_ADDRESS)]
     pub guest_address: Ipv4Addr,
+    /// One-shot only: a directory local base images, kernels and initrds may
+    /// come from (repeatable); kiln's image store and the tiny-image cache always are.
+    #[arg(long = "image-dir", value_name = "DIR")]
+    pub image_dirs: Vec<PathBuf>,
 }
 
 /// The cloud one-shot builds use when the generator names no other.
@@ -47,6 +51,7 @@ pub async fn run(args: OneShotArgs, output: Output, mut start: StartArgs) -> any
         config.agent_binary = std::path::absolute(&bin).unwrap_or(bin);
     }
     config.guest.address = args.guest_address;
+    config.image_dirs = super::serve::absolute(args.image_dirs);
     anyhow::ensure!(
         config.agent_binary.exists(),
         "the agent binary {} does not exist: build it (scripts/quickstart does) or pass --agent-binary",

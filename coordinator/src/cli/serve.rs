@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// to sockets in the data directory, so it survives a restart on other ports).
     #[arg(long, default_value_t = crate::config::GuestNet::DEFAULT_ADDRESS)]
     pub guest_address: std::net::Ipv4Addr,
+    /// A directory local base images, kernels and initrds may come from
+    /// (repeatable); kiln's image store and the tiny-image cache always are.
+    #[arg(long = "image-dir", value_name = "DIR")]
+    pub image_dirs: Vec<PathBuf>,
     /// Another DNS name or address for the agent listener's certificate (repeatable).
     #[arg(long = "server-name")]
     pub server_names: Vec<String>,
@@ -59,6 +63,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.public_host = args.public_host;
     config.server_names = args.server_names;
     config.guest.address = args.guest_address;
+    config.image_dirs = absolute(args.image_dirs);
     if let Some(bin) = args.agent_binary {
         config.agent_binary = bin;
     }
@@ -79,6 +84,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("stopping; unfinished targets resume at the next start");
     server.stop().await;
     Ok(())
+}
+
+/// Paths made absolute against the current directory (QEMU runs in `/`).
+pub fn absolute(paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    paths.into_iter().map(|p| std::path::absolute(&p).unwrap_or(p)).collect()
 }
 
 /// The providers compiled into kiln.

@@ -420,6 +420,7 @@ mod tests {
             script: "echo hi".into(),
             timeout_secs: None,
             env: BTreeMap::new(),
+            generalize: None,
             targets: BTreeMap::new(),
         }
     }

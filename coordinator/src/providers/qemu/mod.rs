@@ -24,7 +24,7 @@ use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
 pub use image::Manifest;
 
 use self::accel::Accel;
-use self::image::BaseImage;
+use self::image::{BaseImage, Sources};
 use self::net::GuestNetwork;
 use super::{
     AgentEndpoints, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
@@ -43,6 +43,8 @@ const TARGET_OPTIONS: &[&str] = &["kernel", "initrd", "append", "egress", "egres
 pub struct QemuProvider {
     root: PathBuf,
     images: PathBuf,
+    /// Where base images, kernels and initrds may come from.
+    sources: Sources,
     net: GuestNetwork,
     accel: tokio::sync::OnceCell<Accel>,
 }
@@ -96,7 +98,8 @@ impl QemuProvider {
         let data = &config.data_dir;
         Self {
             root: data.join("qemu"),
-            images: data.join("images"),
+            images: config.images_dir(),
+            sources: Sources::new(config),
             net: GuestNetwork::new(config),
             accel: tokio::sync::OnceCell::new(),
         }
@@ -155,7 +158,7 @@ impl Provider for QemuProvider {
         }
         Settings::of(cloud)?;
         Self::check_target(spec)?;
-        BaseImage::resolve(spec).await?;
+        BaseImage::resolve(spec, &self.sources).await?;
         Ok(())
     }
 
@@ -166,7 +169,8 @@ impl Provider for QemuProvider {
             return Ok(instance);
         }
         let settings = Settings::of(launch.cloud)?;
-        let base = BaseImage::resolve(launch.spec).await?;
+        // Checked again: the files may have changed since preflight.
+        let base = BaseImage::resolve(launch.spec, &self.sources).await?;
         let accel = self.accel(&settings).await?;
         let seed = cidata::image(&cidata::files(launch.target, &launch.user_data))?;
         let spec = vm::VmSpec {

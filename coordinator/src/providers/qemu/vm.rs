@@ -80,7 +80,7 @@ pub async fn start(spec: &VmSpec<'_>, cidata: OwnedFd) -> Result<(), ProviderErr
     let overlay = dir.join(OVERLAY);
     let _ = std::fs::remove_file(&overlay);
     run(tokio::process::Command::new(qemu_img_binary())
-        .args(["create", "-q", "-f", "qcow2", "-F", &spec.base.format, "-b"])
+        .args(["create", "-q", "-f", "qcow2", "-F", spec.base.format.as_str(), "-b"])
         .arg(&spec.base.disk)
         .arg(&overlay))
     .await?;

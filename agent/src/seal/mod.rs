@@ -1,5 +1,9 @@
-//! The agent's last acts: finish (remove the job's files) or seal (remove
-//! itself and every secret, sync, trim, power off).
+//! The agent's last acts: finish (remove the job's files) or seal: remove
+//! itself and every secret, generalize the machine ([`generalize`]), scrub
+//! free space ([`scrub`]), sync, trim, power off.
+
+mod generalize;
+mod scrub;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -48,7 +52,7 @@ pub fn finish(layout: &Layout) -> anyhow::Result<()> {
 
 /// Removes the agent and every secret it knows of, then powers off. Returns
 /// only if no way to power off worked.
-pub async fn seal(api: &Api, layout: &Layout) -> anyhow::Result<()> {
+pub async fn seal(api: &Api, layout: &Layout, generalize: bool) -> anyhow::Result<()> {
     coordinator::announce_sealing(api).await;
     if layout.dir.parent().is_none() {
         bail!("refusing to seal: the agent directory is the root directory");
@@ -64,7 +68,18 @@ pub async fn seal(api: &Api, layout: &Layout) -> anyhow::Result<()> {
             warn!("could not remove {}: {err}", path.display());
         }
     }
-    info!("sealed: removed {} paths; syncing and powering off", doomed.len());
+    info!("removed kiln's files: {} paths", doomed.len());
+    if generalize {
+        let report = generalize::generalize(Path::new("/")).await;
+        info!(
+            removed = report.removed,
+            cloud_init = report.cloud_init,
+            ssh_keygen_unit = report.ssh_keygen_unit,
+            "generalized"
+        );
+    }
+    tokio::task::spawn_blocking(scrub::scrub_free_space).await?;
+    info!("sealed; syncing, trimming and powering off");
 
     nix::unistd::sync();
     match command(&["fstrim", "-a"]).status() {
@@ -72,6 +87,8 @@ pub async fn seal(api: &Api, layout: &Layout) -> anyhow::Result<()> {
         Err(err) if err.kind() != io::ErrorKind::NotFound => warn!("fstrim -a failed: {err}"),
         _ => {}
     }
+    nix::unistd::sync();
+    tokio::task::spawn_blocking(scrub::remount_read_only).await?;
     for argv in POWER_OFF {
         match command(argv).status() {
             Ok(status) if status.success() => {
@@ -91,16 +108,39 @@ fn command(argv: &[&str]) -> Command {
     command
 }
 
-/// Removes a file, symlink or directory tree; a missing path is fine.
+/// Removes a file, symlink or directory tree; a missing path is fine. A
+/// regular file is emptied first, so its blocks are freed (and then
+/// scrubbed) even when some process still holds it open.
 fn remove(path: &Path) -> io::Result<()> {
     let removed = match path.symlink_metadata() {
-        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(meta) if meta.is_dir() => {
+            empty_tree(path);
+            std::fs::remove_dir_all(path)
+        }
+        Ok(meta) if meta.is_file() => {
+            let _ = std::fs::OpenOptions::new().write(true).open(path).and_then(|f| f.set_len(0));
+            std::fs::remove_file(path)
+        }
         Ok(_) => std::fs::remove_file(path),
         Err(err) => Err(err),
     };
     match removed {
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
+    }
+}
+
+/// Empties every regular file under `dir` (not following symlinks).
+fn empty_tree(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => empty_tree(&entry.path()),
+            Ok(t) if t.is_file() => {
+                let _ = std::fs::OpenOptions::new().write(true).open(entry.path()).and_then(|f| f.set_len(0));
+            }
+            _ => {}
+        }
     }
 }
 

@@ -4,13 +4,25 @@
 //! kernel, an initrd and a command line; paths are relative to the manifest.
 //! kiln's tiny image is one; every image a build makes is another, with its
 //! provenance, so an output image can be the base of the next generator.
+//!
+//! Every local path a base image leads to is confined ([`confine`]: only the
+//! allowed directories, never kiln's own state) and every disk is probed
+//! with the format kiln decided, its backing chain followed link by link
+//! ([`probe`]), in preflight and again at launch.
 
+mod confine;
+mod probe;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use kiln_protocol::api::{Provenance, TargetSpec};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use self::confine::Sources;
+use self::confine::Want;
+pub use self::probe::Format;
 use super::vm::{BASE, qemu_img_binary};
 use super::{ProviderError, failed, invalid};
 use crate::providers::ImageInfo;
@@ -18,6 +30,8 @@ use crate::providers::ImageInfo;
 pub const MANIFEST: &str = "image.json";
 const PENDING: &str = "pending.json";
 const DISK: &str = "disk.qcow2";
+/// The largest manifest kiln reads.
+const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
 
 /// The on-disk description of a local image.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,105 +55,102 @@ pub struct Manifest {
     pub provenance: Option<Provenance>,
 }
 
-/// A resolved base image: absolute paths, checked to exist.
+/// A resolved base image: canonical paths, checked to be allowed and to exist.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BaseImage {
     pub disk: PathBuf,
-    pub format: String,
+    pub format: Format,
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub append: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct ImgInfo {
-    format: String,
-    #[serde(rename = "virtual-size")]
-    virtual_size: u64,
-}
-
-async fn img_info(disk: &Path) -> Result<ImgInfo, ProviderError> {
-    let out = tokio::process::Command::new(qemu_img_binary())
-        .args(["info", "--output=json", "-U"])
-        .arg(disk)
-        .output()
-        .await
-        .map_err(|e| failed(format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(invalid(format!(
-            "{} is not a disk image: {}",
-            disk.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| failed(format!("qemu-img info said something unexpected: {e}")))
-}
-
 fn read_manifest(path: &Path) -> Result<Manifest, ProviderError> {
-    let text = std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+    let mut text = String::new();
+    confine::open(path)
+        .and_then(|f| f.take(MAX_MANIFEST_BYTES).read_to_string(&mut text))
+        .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
     serde_json::from_str(&text).map_err(|e| invalid(format!("{} is not an image manifest: {e}", path.display())))
-}
-
-fn existing(path: PathBuf, what: &str) -> Result<PathBuf, ProviderError> {
-    if path.is_file() { Ok(path) } else { Err(invalid(format!("the {what} {} does not exist", path.display()))) }
 }
 
 impl BaseImage {
     /// Resolves a target's base image: a disk, a manifest, or a directory
-    /// holding `image.json`; the target's kernel, initrd and append options win.
-    pub async fn resolve(spec: &TargetSpec) -> Result<Self, ProviderError> {
-        let given = PathBuf::from(&spec.base_image);
+    /// holding `image.json`; the target's kernel, initrd and append options
+    /// win. Refuses, before anything starts, every path outside `sources`.
+    pub async fn resolve(spec: &TargetSpec, sources: &Sources) -> Result<Self, ProviderError> {
+        let given = Path::new(&spec.base_image);
         if !given.is_absolute() {
             return Err(invalid(format!(
                 "the base image {} must be an absolute path to a disk file or an image.json",
                 spec.base_image
             )));
         }
-        if !given.exists() {
-            return Err(
-                invalid(format!("the base image {} does not exist", given.display())).with_code("ImageNotFound")
-            );
-        }
-        let manifest_path = if given.is_dir() { given.join(MANIFEST) } else { given.clone() };
-        let mut base = if manifest_path.extension().is_some_and(|e| e == "json") {
-            let m = read_manifest(&manifest_path)?;
-            let dir = manifest_path.parent().unwrap_or(Path::new("/"));
-            BaseImage {
-                disk: existing(dir.join(&m.disk), "disk")?,
-                format: m.format,
-                kernel: m.kernel.map(|k| existing(dir.join(k), "kernel")).transpose()?,
-                initrd: m.initrd.map(|i| existing(dir.join(i), "initrd")).transpose()?,
-                append: m.append,
-            }
+        let found = sources.check(&format!("the base image {}", given.display()), given, Want::FileOrDir)?;
+        let manifest = if found.is_dir() {
+            let what = format!("the {MANIFEST} of the base image {}", given.display());
+            Some(sources.check(&what, &found.join(MANIFEST), Want::File)?)
         } else {
-            BaseImage { disk: given, format: String::new(), kernel: None, initrd: None, append: None }
+            found.extension().is_some_and(|e| e == "json").then(|| found.clone())
         };
-        if let Some(k) = spec.options.get("kernel") {
-            base.kernel = Some(existing(PathBuf::from(k), "kernel")?);
-        }
-        if let Some(i) = spec.options.get("initrd") {
-            base.initrd = Some(existing(PathBuf::from(i), "initrd")?);
-        }
+        let option = |key: &str| -> Result<Option<PathBuf>, ProviderError> {
+            let Some(path) = spec.options.get(key) else { return Ok(None) };
+            sources.check(&format!("the {key} {path}"), Path::new(path), Want::File).map(Some)
+        };
+        let (kernel, initrd) = (option("kernel")?, option("initrd")?);
+        let mut base = match manifest {
+            None => {
+                let format = probe::sniff(&found)?;
+                BaseImage { disk: found, format, kernel, initrd, append: None }
+            }
+            Some(path) => {
+                let m = read_manifest(&path)?;
+                let dir = path.parent().unwrap_or(Path::new("/"));
+                let named = |entry: &Path, what: &str| -> Result<PathBuf, ProviderError> {
+                    let Some(joined) = confine::join(dir, entry) else {
+                        return Err(invalid(format!(
+                            "the {what} {} of {} has `..` after a name: name the file directly",
+                            entry.display(),
+                            path.display()
+                        )));
+                    };
+                    sources.check(
+                        &format!("the {what} {} of {}", joined.display(), path.display()),
+                        &joined,
+                        Want::File,
+                    )
+                };
+                let format = Format::parse(&m.format).ok_or_else(|| {
+                    invalid(format!("{} says format {:?}: kiln boots qcow2 or raw", path.display(), m.format))
+                })?;
+                let disk = named(&m.disk, "disk")?;
+                if format == Format::Raw && probe::sniff(&disk)? == Format::Qcow2 {
+                    return Err(invalid(format!(
+                        "{} says the disk {} is raw, but it is a qcow2: correct the manifest's format",
+                        path.display(),
+                        disk.display()
+                    )));
+                }
+                BaseImage {
+                    disk,
+                    format,
+                    kernel: kernel.map(Ok).or_else(|| m.kernel.map(|k| named(&k, "kernel"))).transpose()?,
+                    initrd: initrd.map(Ok).or_else(|| m.initrd.map(|i| named(&i, "initrd"))).transpose()?,
+                    append: m.append,
+                }
+            }
+        };
         if let Some(a) = spec.options.get("append") {
             base.append = Some(a.clone());
         }
-        let info = img_info(&base.disk).await?;
-        let size = std::fs::metadata(&base.disk).map(|m| m.len()).unwrap_or(0);
-        let is_disk = match info.format.as_str() {
-            "qcow2" => true,
-            // qemu-img calls any file raw: a raw disk is at least 1 MiB of whole sectors.
-            "raw" => size >= 1024 * 1024 && size % 512 == 0,
-            _ => false,
-        };
-        if !is_disk || (!base.format.is_empty() && base.format != info.format) {
+        let info = probe::chain(sources, &base.disk, base.format).await?;
+        // qemu-img calls any file raw: a raw disk is at least 1 MiB of whole sectors.
+        let size = info.virtual_size;
+        if base.format == Format::Raw && (size < 1024 * 1024 || size % 512 != 0) {
             return Err(invalid(format!(
-                "{} is not a disk image kiln can boot (qemu-img sees {} of {} bytes); give a qcow2 or raw disk",
+                "{} is not a disk image kiln can boot (a raw file of {size} bytes; a raw disk is whole 512-byte sectors, at least 1 MiB): give a qcow2 or raw disk",
                 base.disk.display(),
-                info.format,
-                size
             )));
         }
-        base.format = info.format;
         Ok(base)
     }
 
@@ -238,7 +249,7 @@ pub async fn finish(out: &Path) -> Result<ImageInfo, ProviderError> {
     }
     let manifest = read_manifest(&manifest_path)?;
     let disk = out.join(&manifest.disk);
-    let info = img_info(&disk).await?;
+    let info = probe::info(&disk, Format::Qcow2).await?;
     Ok(ImageInfo {
         size_bytes: std::fs::metadata(&disk).ok().map(|m| m.len()),
         virtual_size_bytes: Some(info.virtual_size),
