@@ -19,6 +19,8 @@ pub struct KilnProcess {
     child: Child,
     stderr: Arc<Mutex<String>>,
     lines: watch::Receiver<usize>,
+    /// Ends when stderr is closed: everything printed has been collected.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl KilnProcess {
@@ -43,7 +45,7 @@ impl KilnProcess {
         let (tx, lines) = watch::channel(0);
         let mut reader = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
         let sink = stderr.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             while let Ok(Some(line)) = reader.next_line().await {
                 eprintln!("kiln: {line}");
                 let mut s = sink.lock().unwrap();
@@ -52,7 +54,7 @@ impl KilnProcess {
                 tx.send_modify(|n| *n += 1);
             }
         });
-        Self { child, stderr, lines }
+        Self { child, stderr, lines, reader: Some(reader) }
     }
 
     /// What it printed on stderr so far.
@@ -83,8 +85,15 @@ impl KilnProcess {
 
     /// Its exit code, waiting at most `limit`.
     pub async fn exit_code(&mut self, limit: Duration) -> Option<i32> {
-        let status = tokio::time::timeout(limit, self.child.wait()).await.ok()?.ok()?;
-        status.code()
+        let exited = async {
+            let status = self.child.wait().await.ok()?;
+            // The exit can be seen before the last lines are read.
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.await;
+            }
+            Some(status)
+        };
+        tokio::time::timeout(limit, exited).await.ok()??.code()
     }
 }
 
