@@ -45,29 +45,6 @@ fn processes_in(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn disk_bytes(image: &Image) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("disk.raw");
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(Path::new(&image.id).join("disk.qcow2"))
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::fs::read(&raw).unwrap()
-}
-
-/// PEM private key blocks (a header followed by base64 lines) in `bytes`.
-fn pem_private_keys(bytes: &[u8]) -> usize {
-    memchr::memmem::find_iter(bytes, b"PRIVATE KEY-----\n")
-        .filter(|&at| {
-            let body = &bytes[at + 17..(at + 17 + 64).min(bytes.len())];
-            body.len() == 64 && body.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
-        })
-        .count()
-}
-
 fn overlapped(a: &Target, b: &Target) -> bool {
     let (a0, a1) = (a.timings.launched_at.unwrap(), a.timings.script_finished_at.unwrap());
     let (b0, b1) = (b.timings.launched_at.unwrap(), b.timings.script_finished_at.unwrap());
@@ -104,10 +81,10 @@ async fn local_build_bakes_the_script_into_a_bootable_image() {
     assert!(entries(&data(&bed).join("qemu/instances")).is_empty(), "overlays were removed");
     assert!(processes_in(&data(&bed).join("qemu")).is_empty(), "no QEMU is left running");
 
-    let bytes = disk_bytes(&image);
+    let bytes = kiln_tests::disk::raw_bytes(&Path::new(&image.id).join("disk.qcow2"));
     let token = bed.app().pki().tokens().token(a.id);
     assert!(memchr::memmem::find(&bytes, token.as_bytes()).is_none(), "the enrollment token is in the image");
-    assert_eq!(pem_private_keys(&bytes), 0, "a private key is in the image");
+    assert_eq!(kiln_tests::disk::pem_private_keys(&bytes), 0, "a private key is in the image");
     assert!(memchr::memmem::find(&bytes, proof.as_bytes()).is_some(), "the script's file is in the image");
 
     generator(&bed, "check", "cat /etc/kiln-proof\n", &["local-a"], &image.id).await;

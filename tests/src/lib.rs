@@ -55,26 +55,10 @@ pub fn kiln_binary() -> PathBuf {
 
 /// kiln's tiny base image (its `image.json`), built once per test run by the
 /// recipe in bootstrap/image and cached under target/kiln-cache by the hash of
-/// its inputs.
+/// its inputs. `KILN_TINY_IMAGE` overrides the path.
 pub fn tiny_image() -> PathBuf {
     static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            if let Ok(p) = std::env::var("KILN_TINY_IMAGE") {
-                return PathBuf::from(p);
-            }
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-            let out = std::process::Command::new("bash")
-                .arg(root.join("bootstrap/image/build-tiny-image.sh"))
-                .arg(root.join("target/kiln-cache"))
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .expect("run the tiny image recipe");
-            assert!(out.status.success(), "the tiny image recipe failed (is scripts/install-deps done?)");
-            let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-            PathBuf::from(stdout.lines().last().expect("the recipe prints the manifest path").trim())
-        })
-        .clone()
+    IMAGE.get_or_init(|| cached_image("KILN_TINY_IMAGE", "bootstrap/image/build-tiny-image.sh")).clone()
 }
 
 /// A stock Debian 12 cloud image (its `disk.qcow2`: GPT, grub-pc, cloud-init
@@ -84,27 +68,25 @@ pub fn tiny_image() -> PathBuf {
 /// `KILN_DEBIAN_IMAGE` overrides the path.
 pub fn debian_cloud_image() -> PathBuf {
     static IMAGE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            if let Ok(p) = std::env::var("KILN_DEBIAN_IMAGE") {
-                return PathBuf::from(p);
-            }
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-            let out = std::process::Command::new("bash")
-                .arg(root.join("tests/images/build-debian-cloud.sh"))
-                .arg(root.join("target/kiln-cache"))
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .expect("run the Debian cloud image recipe");
-            assert!(
-                out.status.success(),
-                "the Debian cloud image recipe failed: it needs root and scripts/install-deps \
-                 (mmdebstrap, sgdisk), or set KILN_DEBIAN_IMAGE to a built disk.qcow2"
-            );
-            let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-            PathBuf::from(stdout.lines().last().expect("the recipe prints the disk path").trim())
-        })
-        .clone()
+    IMAGE.get_or_init(|| cached_image("KILN_DEBIAN_IMAGE", "tests/images/build-debian-cloud.sh")).clone()
+}
+
+/// `$override_var`, or what the image recipe `recipe` (relative to the
+/// workspace) prints last after building into target/kiln-cache.
+fn cached_image(override_var: &str, recipe: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(override_var) {
+        return PathBuf::from(p);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join(recipe))
+        .arg(root.join("target/kiln-cache"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {recipe}: {e}"));
+    assert!(out.status.success(), "{recipe} failed (is scripts/install-deps done? it needs root)");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
+    PathBuf::from(stdout.lines().last().expect("the recipe prints the image's path").trim())
 }
 
 /// Logs of the code under test, shown for failing tests (`KILN_LOG` filters).

@@ -27,7 +27,6 @@ const EFBIG: i32 = nix::errno::Errno::EFBIG as i32;
 /// One file system to scrub.
 #[derive(Debug, PartialEq)]
 pub struct Mount {
-    pub device: PathBuf,
     pub dir: PathBuf,
     pub fs_type: String,
 }
@@ -41,11 +40,7 @@ pub fn scrubbed_mounts(mounts: &str) -> Vec<Mount> {
         let [device, dir, fs_type, options, ..] = fields[..] else { continue };
         let read_only = options.split(',').any(|o| o == "ro");
         if device.starts_with("/dev/") && SCRUBBED.contains(&fs_type) && !read_only {
-            found.push(Mount {
-                device: PathBuf::from(unescape(device)),
-                dir: PathBuf::from(unescape(dir)),
-                fs_type: fs_type.to_owned(),
-            });
+            found.push(Mount { dir: PathBuf::from(unescape(dir)), fs_type: fs_type.to_owned() });
         }
     }
     let mut devices = HashSet::new();
