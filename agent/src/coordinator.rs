@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::anyhow;
-use kiln_protocol::agent::{ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, paths};
+use kiln_protocol::agent::{ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, SealReport, paths};
 use kiln_protocol::error::ErrorBody;
 use reqwest::StatusCode;
 use reqwest::header::CONTENT_TYPE;
@@ -20,6 +20,9 @@ const LONG_POLL_GRACE: Duration = Duration::from_secs(30);
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the sealing notice is retried before sealing goes on without it.
 const SEALING_NOTICE_LIMIT: Duration = Duration::from_secs(10);
+/// How long the seal report is retried before the agent powers off without it
+/// (and the coordinator then makes no image).
+const SEALED_REPORT_LIMIT: Duration = Duration::from_secs(60);
 
 fn ended() -> Failure {
     Failure::Fatal(Stop::TargetEnded.into())
@@ -135,5 +138,23 @@ pub async fn announce_sealing(api: &Api) {
     .await;
     if let Err(err) = sent {
         warn!("sealing without telling the coordinator: {err:#}");
+    }
+}
+
+/// Reports the finished seal; the coordinator makes the image only after it.
+pub async fn report_sealed(api: &Api, report: &SealReport) {
+    let policy = RetryPolicy { give_up: SEALED_REPORT_LIMIT, ..api.retry };
+    let url = api.url(&paths::sealed(api.target));
+    let sent = retry(policy, "reporting the seal", || async {
+        let response = send(api.http().post(url.clone()).json(report)).await?;
+        match response.status() {
+            status if status.is_success() => Ok(()),
+            StatusCode::FORBIDDEN => Err(ended()),
+            _ => Err(unexpected(response).await),
+        }
+    })
+    .await;
+    if let Err(err) = sent {
+        warn!("powering off without reporting the seal: {err:#}");
     }
 }

@@ -23,8 +23,12 @@ pub mod paths {
     pub const EXIT: &str = "/agent/v1/targets/{target}/exit";
     /// Long poll: answers when there is an instruction or after `?wait_secs=`.
     pub const INSTRUCTION: &str = "/agent/v1/targets/{target}/instruction";
-    /// The agent says it is about to power off after sealing.
+    /// The agent says it has begun to seal.
     pub const SEALING: &str = "/agent/v1/targets/{target}/sealing";
+    /// `POST` with a [`super::SealReport`]: the seal is done (file systems
+    /// scrubbed and read-only) and the agent powers off next. No image is
+    /// made of a sealed target without it.
+    pub const SEALED: &str = "/agent/v1/targets/{target}/sealed";
     /// The bootstrap listener's route for the agent binary (plain HTTP).
     pub const AGENT_BINARY: &str = "/bootstrap/v1/kiln-agent";
 
@@ -45,6 +49,9 @@ pub mod paths {
     }
     pub fn sealing(target: TargetId) -> String {
         fill(SEALING, target)
+    }
+    pub fn sealed(target: TargetId) -> String {
+        fill(SEALED, target)
     }
 }
 
@@ -164,4 +171,55 @@ pub enum Instruction {
     Seal,
     /// Remove the agent's own files and exit, leaving the machine running.
     Finish,
+}
+
+/// What the seal did, sent when it is done and just before power-off.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SealReport {
+    /// The machine was generalized (cloud-init state, machine-id, host keys…).
+    pub generalized: bool,
+    /// Every writable block-backed file system, with how its free space was scrubbed.
+    pub scrubbed: Vec<Scrubbed>,
+    /// The file systems were remounted read-only before power-off.
+    pub read_only: bool,
+}
+
+impl SealReport {
+    /// The file systems whose free space may still hold what was removed.
+    pub fn unscrubbed(&self) -> impl Iterator<Item = &Scrubbed> {
+        self.scrubbed.iter().filter(|s| s.error.is_some())
+    }
+}
+
+/// One file system's scrub.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Scrubbed {
+    pub mount: String,
+    pub fs_type: String,
+    pub method: ScrubMethod,
+    /// Bytes of free space zeroed.
+    pub bytes: u64,
+    pub millis: u64,
+    /// Why the free space could not be scrubbed; the image must not be made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why a faster method was not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// How free space was zeroed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ScrubMethod {
+    /// Free blocks allocated to fillers (`fallocate`), located (`FIEMAP`)
+    /// and zeroed on the device (write-zeroes): no data written through the
+    /// file system, and a virtual disk stores no zeros.
+    ZeroOut,
+    /// Zeros written through the file system until it was full (twice).
+    Fill,
+    /// Nothing worked: see `error`.
+    None,
 }

@@ -84,7 +84,7 @@ async fn local_build_bakes_the_script_into_a_bootable_image() {
     let bytes = kiln_tests::disk::raw_bytes(&Path::new(&image.id).join("disk.qcow2"));
     let token = bed.app().pki().tokens().token(a.id);
     assert!(memchr::memmem::find(&bytes, token.as_bytes()).is_none(), "the enrollment token is in the image");
-    assert_eq!(kiln_tests::disk::pem_private_keys(&bytes), 0, "a private key is in the image");
+    assert!(kiln_tests::disk::pem_private_keys(&bytes).is_empty(), "a private key is in the image");
     assert!(memchr::memmem::find(&bytes, proof.as_bytes()).is_some(), "the script's file is in the image");
 
     generator(&bed, "check", "cat /etc/kiln-proof\n", &["local-a"], &image.id).await;
@@ -170,4 +170,38 @@ async fn bad_base_images_are_refused_up_front() {
     }
     let builds: Vec<Build> = bed.client.get("/v1/builds").await.unwrap();
     assert!(builds.is_empty(), "nothing started");
+}
+
+// A hostile script leaves a daemon (in its own session, so it outlives the
+// script) that freezes the agent as soon as the seal has begun: the seal never
+// finishes. The coordinator stops the VM at the seal limit and makes no image
+// of a disk that may still hold the token; nothing is left behind.
+#[tokio::test]
+async fn an_unfinished_seal_makes_no_image() {
+    let bed = Bed::with(Options { seal: Duration::from_secs(20), ..Options::qemu() }).await;
+    add_qemu_cloud(&bed, "local", json!({})).await;
+    let freeze = r#"
+freeze() {
+    i=0
+    while [ -e /var/lib/kiln-agent ] && [ $i -lt 1000000 ]; do i=$((i + 1)); done
+    for p in /proc/[0-9]*; do
+        [ "$(cat $p/comm 2>/dev/null)" = kiln-agent ] && kill -STOP "${p#/proc/}"
+    done
+}
+freeze </dev/null >/dev/null 2>&1 &
+"#;
+    let script = format!("setsid sh -c '{}' &\necho left a daemon\n", freeze.replace('\'', r"'\''"));
+    generator(&bed, "frozen", &script, &["local"], &tiny()).await;
+    let build = bed.wait(&bed.start_build("frozen").await).await;
+
+    assert_eq!(build.status, Status::Failed, "{build:#?}");
+    let t = &build.targets[0];
+    let err = t.error.as_ref().expect("an error");
+    assert_eq!((err.reason, err.step), (FailureReason::Provider, Step::Seal), "{err:#?}");
+    assert!(err.message.contains("had not finished sealing 20s after the script ended"), "{}", err.message);
+    assert!(err.message.contains("no image was made"), "{}", err.message);
+    assert!(t.image.is_none());
+    assert!(entries(&data(&bed).join("images")).is_empty(), "no image is left");
+    assert!(entries(&data(&bed).join("qemu/instances")).is_empty(), "no overlay is left");
+    assert!(processes_in(&data(&bed).join("qemu")).is_empty(), "no QEMU is left running");
 }

@@ -2,6 +2,7 @@
 //! with its datasource list untouched): kiln builds from it unmodified, and
 //! the image it makes boots as a fresh instance with no secret in its bytes.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use kiln_protocol::api::{Image, Status};
@@ -16,6 +17,7 @@ echo "host-key=$(cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub)"
 echo "instance-id=$(cat /var/lib/cloud/data/instance-id)"
 echo "instances=$(ls /var/lib/cloud/instances | tr '\n' ' ')"
 echo "value=$(cat /etc/kiln-value 2>/dev/null)"
+for key in /etc/ssh/ssh_host_*_key; do echo "private-key=$(sed -n 3p "$key")"; done
 "#;
 
 fn field(log: &str, key: &str) -> String {
@@ -37,28 +39,40 @@ async fn build_on(bed: &Bed, name: &str, script: &str, base: &str) -> (kiln_prot
     (build, log)
 }
 
-/// Neither the token, nor what only the job script held, nor what only the
-/// spool held is anywhere in the image's bytes. (The build VM's SSH host
-/// keys, removed by the generalization just before the zero fill, can still
-/// be in free blocks: see the open issue.)
-fn assert_no_secrets(image: &Image, secrets: &[(&str, &str)]) {
+/// The build VM's SSH host private keys, a line of each, as the script saw them.
+fn private_keys(log: &str) -> Vec<String> {
+    let keys: Vec<String> = log.lines().filter_map(|l| l.strip_prefix("private-key=")).map(str::to_owned).collect();
+    assert!(keys.len() >= 2 && keys.iter().all(|k| k.len() >= 64), "the script read the host keys: {log}");
+    keys
+}
+
+/// None of `secrets` (the token, what only the job script or the spool held,
+/// the build VM's host private keys) is anywhere in the image's bytes, and
+/// the image holds no PEM private key that its base image lacks (the base
+/// image's own free blocks may hold some from the making of it).
+fn assert_no_secrets(image: &Image, base_keys: &BTreeSet<Vec<u8>>, secrets: &[(&str, &str)]) {
     let bytes = disk::raw_bytes(&Path::new(&image.id).join("disk.qcow2"));
     for (what, secret) in secrets {
         let found = disk::contexts(&bytes, secret.as_bytes());
         assert!(found.is_empty(), "{what} is in the bytes of {}:\n{}", image.name, found.join("\n---\n"));
     }
+    let new: Vec<_> =
+        disk::pem_private_keys(&bytes).difference(base_keys).map(|k| String::from_utf8_lossy(k).into_owned()).collect();
+    assert!(new.is_empty(), "PEM private keys in {} that its base image lacks: {new:?}", image.name);
 }
 
 // The stock image builds a script that writes a random value to /etc. A
 // second build from the output image sees the value, a new cloud-init
 // instance, a new machine-id and new SSH host keys; neither image holds the
-// token, a marker only the job script held, or the spool's contents.
+// token, a marker only the job script held, the spool's contents, or the
+// host private keys of the VM that made it.
 #[tokio::test]
 async fn a_stock_debian_image_builds_and_its_image_boots_fresh() {
     let bed = Bed::with(Options::qemu()).await;
     let cloud = json!({"name": "debian", "kind": "qemu", "options": {"memory_mib": "1024"}});
     let _: serde_json::Value = bed.client.post("/v1/clouds", &cloud).await.expect("add cloud");
     let stock = kiln_tests::debian_cloud_image().display().to_string();
+    let base_keys = disk::pem_private_keys(&disk::raw_bytes(Path::new(&stock)));
 
     let value = disk::marker("value");
     let script_only = disk::marker("script-only");
@@ -72,7 +86,10 @@ async fn a_stock_debian_image_builds_and_its_image_boots_fresh() {
     assert_eq!(build_vm.2, format!("kiln-{}", first.targets[0].id), "cloud-init ran from kiln's cidata drive");
     let image = first.targets[0].image.clone().expect("an image");
     let token = bed.app().pki().tokens().token(first.targets[0].id);
-    assert_no_secrets(&image, &[("the token", &token), ("the job script", &script_only), ("the spool", &spooled)]);
+    let keys = private_keys(&log);
+    let mut secrets = vec![("the token", token.as_str()), ("the job script", &script_only), ("the spool", &spooled)];
+    secrets.extend(keys.iter().map(|k| ("a host private key of the build VM", k.as_str())));
+    assert_no_secrets(&image, &base_keys, &secrets);
     let bytes = disk::raw_bytes(&Path::new(&image.id).join("disk.qcow2"));
     assert!(disk::count(&bytes, value.as_bytes()) > 0, "the script's file is in the image");
     drop(bytes);
@@ -89,5 +106,8 @@ async fn a_stock_debian_image_builds_and_its_image_boots_fresh() {
     assert_eq!(field(&log, "instances"), fresh.2, "no trace of the build VM's instance: {log}");
     let image = second.targets[0].image.clone().expect("an image");
     let token = bed.app().pki().tokens().token(second.targets[0].id);
-    assert_no_secrets(&image, &[("the token", &token), ("the spool", &spooled_again), ("the first spool", &spooled)]);
+    let keys = private_keys(&log);
+    let mut secrets = vec![("the token", token.as_str()), ("the spool", &spooled_again), ("the first spool", &spooled)];
+    secrets.extend(keys.iter().map(|k| ("a host private key of the second build VM", k.as_str())));
+    assert_no_secrets(&image, &base_keys, &secrets);
 }

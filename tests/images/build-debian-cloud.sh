@@ -204,7 +204,10 @@ find "$mnt/var/log" -type f -not -empty -delete
 chroot "$mnt" dpkg-query -W -f '${Package} ${Version}\n' >"$out/packages.txt"
 
 # 11. Trim (the loop device punches holes in the raw file, so the deleted
-#     package cache leaves no data), unmount, detach, convert.
+#     package cache and host keys leave no data), unmount, detach, convert.
+#     Sync first: blocks freed in a journal transaction that has not been
+#     committed are not free yet, and the trim would skip them.
+sync -f "$mnt"
 fstrim "$mnt"
 umount "$mnt"
 partx -d "$loop"

@@ -19,7 +19,7 @@ use tempfile::TempDir;
 use crate::process::ProcessProvider;
 
 /// The longest any test waits for a build to end (a stock cloud image under
-/// TCG boots in about 70 s, and its seal zero-fills a 2 GiB disk).
+/// TCG boots in about 70 s, twice that under load).
 pub const BUILD_LIMIT: Duration = Duration::from_secs(480);
 
 /// Knobs a test may turn.
@@ -29,11 +29,18 @@ pub struct Options {
     pub agent_contact: Duration,
     /// Serve `qemu` clouds with the real QEMU provider instead of the process provider.
     pub real_qemu: bool,
+    /// From the script's end until the sealed instance must have stopped.
+    pub seal: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(900), agent_contact: Duration::from_secs(60), real_qemu: false }
+        Self {
+            token_ttl: Duration::from_secs(900),
+            agent_contact: Duration::from_secs(60),
+            real_qemu: false,
+            seal: Duration::from_secs(120),
+        }
     }
 }
 
@@ -284,7 +291,7 @@ fn config(dir: &TempDir, opts: &Options) -> Config {
     config.timeouts.poll_interval = Duration::from_millis(100);
     config.timeouts.token_ttl = opts.token_ttl;
     config.timeouts.agent_contact = opts.agent_contact;
-    config.timeouts.seal = Duration::from_secs(30);
+    config.timeouts.seal = opts.seal;
     config
 }
 

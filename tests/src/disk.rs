@@ -35,14 +35,16 @@ pub fn contexts(bytes: &[u8], needle: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// PEM private key blocks (a header followed by base64 lines) in `bytes`.
-pub fn pem_private_keys(bytes: &[u8]) -> usize {
+/// PEM private key blocks (a header followed by base64 lines) in `bytes`,
+/// each told by the first 64 characters of its body.
+pub fn pem_private_keys(bytes: &[u8]) -> std::collections::BTreeSet<Vec<u8>> {
     memchr::memmem::find_iter(bytes, b"PRIVATE KEY-----\n")
-        .filter(|&at| {
+        .filter_map(|at| {
             let body = &bytes[at + 17..(at + 17 + 64).min(bytes.len())];
-            body.len() == 64 && body.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/')
+            let base64 = body.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/');
+            (body.len() == 64 && base64).then(|| body.to_vec())
         })
-        .count()
+        .collect()
 }
 
 /// A random marker that occurs nowhere else: `kind-` and 32 hex digits.

@@ -4,6 +4,7 @@
 
 mod generalize;
 mod scrub;
+mod zeroout;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 use anyhow::bail;
 use tracing::{info, warn};
+
+use kiln_protocol::agent::SealReport;
 
 use crate::cli::ENROLL_TOKEN_ENV;
 use crate::client::Api;
@@ -78,8 +81,7 @@ pub async fn seal(api: &Api, layout: &Layout, generalize: bool) -> anyhow::Resul
             "generalized"
         );
     }
-    tokio::task::spawn_blocking(scrub::scrub_free_space).await?;
-    info!("sealed; syncing, trimming and powering off");
+    let scrubbed = tokio::task::spawn_blocking(scrub::scrub_free_space).await?;
 
     nix::unistd::sync();
     match command(&["fstrim", "-a"]).status() {
@@ -88,7 +90,12 @@ pub async fn seal(api: &Api, layout: &Layout, generalize: bool) -> anyhow::Resul
         _ => {}
     }
     nix::unistd::sync();
-    tokio::task::spawn_blocking(scrub::remount_read_only).await?;
+    let read_only = tokio::task::spawn_blocking(scrub::remount_read_only).await?;
+    let report = SealReport { generalized: generalize, scrubbed, read_only };
+    // The coordinator makes no image without this report: an unscrubbed
+    // disk may still hold the token and what the script removed.
+    coordinator::report_sealed(api, &report).await;
+    info!("sealed; powering off");
     for argv in POWER_OFF {
         match command(argv).status() {
             Ok(status) if status.success() => {

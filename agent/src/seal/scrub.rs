@@ -1,6 +1,7 @@
-//! Free space scrubbed before the snapshot: every writable local file system
-//! is filled with zeros until it is full, then the filler is removed and the
-//! file system trimmed.
+//! Free space scrubbed before the snapshot, on every writable local file
+//! system: zeroed on the device where the file system suits ([`zeroout`]),
+//! else filled with zeros through the file system until it is full; then the
+//! fillers are removed and the file system trimmed.
 //!
 //! Removing a file frees its blocks but keeps their bytes, and trimming does
 //! not clear them either: a qcow2 cluster (64 KiB) that still holds one live
@@ -15,7 +16,10 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use kiln_protocol::agent::{ScrubMethod, Scrubbed};
 use tracing::{info, warn};
+
+use super::zeroout;
 
 /// File systems whose free space is scrubbed (block-backed, overwrite in place).
 const SCRUBBED: &[&str] = &["ext2", "ext3", "ext4", "xfs", "vfat", "f2fs", "jfs", "reiserfs", "btrfs"];
@@ -128,33 +132,58 @@ pub fn zero_fill(dir: &Path) -> io::Result<u64> {
     result.map(|()| written)
 }
 
-/// Zero-fills every scrubbed mount of this machine; failures are logged.
-pub fn scrub_free_space() {
+/// Scrubs the free space of every scrubbed mount of this machine: zeroed on
+/// the device where the file system suits ([`zeroout`]), else zero-filled.
+pub fn scrub_free_space() -> Vec<Scrubbed> {
     // Commits what the seal removed, so its blocks can be allocated again.
     nix::unistd::sync();
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    for mount in scrubbed_mounts(&mounts) {
-        let started = Instant::now();
-        // ext4 keeps some clusters (up to 16 MiB) from everyone, root too,
-        // so that delayed allocation never runs out: free blocks the filler
-        // would never reach. Lend them to it.
-        let reserve = (mount.fs_type == "ext4").then(|| Ext4Reserve::release(&mount.dir)).flatten();
-        // Twice: blocks freed while the first fill ran (and space the file
-        // system held back for other files) are free only after it.
+    scrubbed_mounts(&mounts).iter().map(scrub).collect()
+}
+
+fn scrub(mount: &Mount) -> Scrubbed {
+    let started = Instant::now();
+    // ext4 keeps some clusters (up to 16 MiB) from everyone, root too, so
+    // that delayed allocation never runs out: free blocks a filler would
+    // never reach. Lend them to it.
+    let reserve = (mount.fs_type == "ext4").then(|| Ext4Reserve::release(&mount.dir)).flatten();
+    let mut done = None;
+    let mut fallback = None;
+    if zeroout::SUITED.contains(&mount.fs_type.as_str()) {
+        match zeroout::zero_out(&mount.dir) {
+            Ok(z) => {
+                if z.written > 0 {
+                    fallback = Some(format!("{} MiB were busy on the device and written as zeros", z.written >> 20));
+                }
+                done = Some((ScrubMethod::ZeroOut, Ok(z.bytes)));
+            }
+            Err(err) => {
+                warn!("could not zero free blocks of {} on its device, so writing zeros: {err}", mount.dir.display());
+                fallback = Some(format!("zeroing on the device failed: {err}"));
+            }
+        }
+    }
+    // Twice: blocks freed while the first fill ran (and space the file
+    // system held back for other files) are free only after it.
+    let (method, result) = done.unwrap_or_else(|| {
         let filled = zero_fill(&mount.dir).and_then(|a| {
             nix::unistd::sync();
             zero_fill(&mount.dir).map(|b| a + b)
         });
-        drop(reserve);
-        match filled {
-            Ok(bytes) => info!(
-                mount = %mount.dir.display(),
-                fs = mount.fs_type,
-                mib = bytes >> 20,
-                secs = format!("{:.1}", started.elapsed().as_secs_f64()),
-                "zero-filled free space"
-            ),
-            Err(err) => warn!("could not zero-fill {}: {err}", mount.dir.display()),
+        (ScrubMethod::Fill, filled)
+    });
+    drop(reserve);
+    let millis = started.elapsed().as_millis() as u64;
+    let (dir, fs) = (mount.dir.display().to_string(), mount.fs_type.clone());
+    match result {
+        Ok(bytes) => {
+            info!(mount = dir, fs, ?method, mib = bytes >> 20, millis, "scrubbed free space");
+            Scrubbed { mount: dir, fs_type: fs, method, bytes, millis, error: None, fallback }
+        }
+        Err(err) => {
+            warn!("could not scrub the free space of {dir}: {err}");
+            let error = Some(err.to_string());
+            Scrubbed { mount: dir, fs_type: fs, method: ScrubMethod::None, bytes: 0, millis, error, fallback }
         }
     }
 }
@@ -205,10 +234,11 @@ impl Drop for Ext4Reserve {
 /// Remounts every file system read-only (sysrq `u`) and waits, bounded,
 /// until the root is: the image's file systems are then clean, with no
 /// journal to replay and no stale bitmap, even though power-off is forced.
-pub fn remount_read_only() {
+/// Returns whether the root became read-only.
+pub fn remount_read_only() -> bool {
     if let Err(err) = std::fs::write("/proc/sysrq-trigger", "u") {
         warn!("could not remount read-only: {err}");
-        return;
+        return false;
     }
     for _ in 0..100 {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
@@ -217,11 +247,12 @@ pub fn remount_read_only() {
             f.len() > 3 && f[1] == "/" && f[0] != "rootfs" && f[3].split(',').any(|o| o == "ro")
         });
         if root_ro {
-            return;
+            return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     warn!("the root file system is still writable after an emergency remount");
+    false
 }
 
 #[cfg(test)]

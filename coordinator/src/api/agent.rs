@@ -11,7 +11,7 @@ use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use kiln_protocol::TargetId;
 use kiln_protocol::agent::{
-    EnrollRequest, EnrollResponse, ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, paths,
+    EnrollRequest, EnrollResponse, ExitReport, Instruction, InstructionWait, Job, LogAck, LogOffset, SealReport, paths,
 };
 
 use super::ApiError;
@@ -33,6 +33,7 @@ pub fn router(app: App) -> Router {
         .route(paths::EXIT, post(exit))
         .route(paths::INSTRUCTION, get(instruction))
         .route(paths::SEALING, post(sealing))
+        .route(paths::SEALED, post(sealed))
         .layer(DefaultBodyLimit::max(MAX_CHUNK))
         .with_state(app)
 }
@@ -79,6 +80,16 @@ async fn instruction(
 ) -> Result<Json<Instruction>, ApiError> {
     let wait = Duration::from_secs(wait.wait_secs.unwrap_or(0));
     Ok(Json(app.instruction(peer.0.as_ref(), target, wait).await?))
+}
+
+async fn sealed(
+    State(app): State<App>,
+    Extension(peer): Extension<Peer>,
+    ApiPath(target): ApiPath<TargetId>,
+    ApiJson(report): ApiJson<SealReport>,
+) -> Result<Json<()>, ApiError> {
+    app.sealed(peer.0.as_ref(), target, report).await?;
+    Ok(Json(()))
 }
 
 async fn sealing(

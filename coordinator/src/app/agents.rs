@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Instruction, Job, LogAck};
+use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Instruction, Job, LogAck, SealReport};
 use kiln_protocol::api::FailureReason;
 use kiln_protocol::{TargetId, Timestamp};
 
@@ -215,11 +215,50 @@ impl App {
         }
     }
 
-    /// The agent has sealed the machine and is powering off. The seal step
-    /// ends when the cloud reports the instance stopped; this is for the log.
+    /// The agent has begun to seal the machine; this is for the log.
     pub async fn sealing(&self, peer: Option<&PeerIdentity>, target: TargetId) -> Result<(), AppError> {
         let t = self.authorize(peer, target)?;
-        tracing::info!(build = %t.build, target = %target, "agent sealed the machine and is powering off");
+        tracing::info!(build = %t.build, target = %target, "agent is sealing the machine");
+        Ok(())
+    }
+
+    /// The agent has sealed the machine and powers off next. The seal step
+    /// makes an image only of a target with this report, and only if every
+    /// file system was scrubbed. A repeated report (its answer was lost)
+    /// keeps the first.
+    pub async fn sealed(
+        &self,
+        peer: Option<&PeerIdentity>,
+        target: TargetId,
+        report: SealReport,
+    ) -> Result<(), AppError> {
+        let t = self.authorize(peer, target)?;
+        if t.instruction != Instruction::Seal {
+            return Err(AppError::Conflict(format!("target {target} was not told to seal")));
+        }
+        if t.seal.is_none() {
+            self.0.store.update_target(target, |r| {
+                r.seal.get_or_insert_with(|| report.clone());
+            })?;
+            self.0.store.flush().await?;
+            let scrubbed: Vec<String> = report
+                .scrubbed
+                .iter()
+                .map(|s| {
+                    let why = s.fallback.as_deref().map(|f| format!("; {f}")).unwrap_or_default();
+                    format!("{} ({}, {:?}, {} MiB, {} ms{why})", s.mount, s.fs_type, s.method, s.bytes >> 20, s.millis)
+                })
+                .collect();
+            tracing::info!(
+                build = %t.build,
+                target = %target,
+                generalized = report.generalized,
+                read_only = report.read_only,
+                scrubbed = scrubbed.join(", "),
+                "agent sealed the machine and is powering off"
+            );
+            self.notify();
+        }
         Ok(())
     }
 

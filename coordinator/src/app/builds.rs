@@ -95,6 +95,7 @@ impl App {
                 outcome: None,
                 reported_total: None,
                 instruction: Instruction::Wait,
+                seal: None,
                 timings: Timings { created_at: Some(now), ..Timings::default() },
             });
         }

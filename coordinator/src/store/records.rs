@@ -1,6 +1,6 @@
 //! What the store keeps that the API does not show as is.
 
-use kiln_protocol::agent::{Instruction, ScriptOutcome};
+use kiln_protocol::agent::{Instruction, ScriptOutcome, SealReport};
 use kiln_protocol::api::{Cloud, FailureReason, Image, Status, Step, TargetError, TargetSpec, Timings};
 use kiln_protocol::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,10 @@ pub struct TargetRecord {
     /// What the agent is told when it asks.
     pub instruction: Instruction,
     pub timings: Timings,
+    /// What the agent reported when it had sealed the machine; no image is
+    /// made of a sealed target without it.
+    #[serde(default)]
+    pub seal: Option<SealReport>,
 }
 
 impl TargetRecord {

@@ -83,6 +83,7 @@ mod tests {
             outcome: None,
             reported_total: None,
             instruction: Instruction::Wait,
+            seal: None,
             timings: Timings::default(),
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use kiln_protocol::Timestamp;
-use kiln_protocol::agent::{Instruction, ScriptOutcome};
+use kiln_protocol::agent::{Instruction, ScriptOutcome, SealReport};
 use kiln_protocol::api::{FailureReason, Image, Provenance, Status, Step};
 use tokio::time::Instant;
 
@@ -297,13 +297,59 @@ async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Resu
         }
         tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
-    // Sealed means powered off: the phase ends when the instance has stopped.
+    // Sealed means powered off with the agent's report that every file
+    // system was scrubbed: without it the disk may still hold the token and
+    // whatever the script removed, so no image is made of it.
+    if t.instruction == Instruction::Seal {
+        let r =
+            app.0.store.target(t.id)?.ok_or_else(|| StepError::fail(FailureReason::Internal, "the target vanished"))?;
+        check_seal(r.seal.as_ref(), forced, limit)?;
+    }
     let stopped = Timestamp::now();
     advance(app, t, |r| {
         r.timings.sealed_at = Some(stopped);
         r.step = Step::Snapshot;
     })
     .await?;
+    Ok(())
+}
+
+/// Whether an image may be made of a sealed target's disk.
+fn check_seal(report: Option<&SealReport>, forced: bool, limit: Duration) -> Result<(), StepError> {
+    let Some(report) = report else {
+        let why = if forced {
+            format!(
+                "the agent had not finished sealing {}s after the script ended, so the instance was stopped",
+                limit.as_secs()
+            )
+        } else {
+            "the instance stopped before the agent reported a finished seal".to_owned()
+        };
+        return Err(StepError::fail(
+            FailureReason::Provider,
+            format!(
+                "{why}; its disk may still hold the enrollment token and what the script removed, so no image was \
+                 made (a large disk may need a longer `timeouts.seal`)"
+            ),
+        ));
+    };
+    let unscrubbed: Vec<String> = report
+        .unscrubbed()
+        .map(|s| format!("{} ({}): {}", s.mount, s.fs_type, s.error.as_deref().unwrap_or("failed")))
+        .collect();
+    if !unscrubbed.is_empty() {
+        return Err(StepError::fail(
+            FailureReason::Provider,
+            format!(
+                "the agent could not scrub the free space of {}; it may still hold the enrollment token and what \
+                 the script removed, so no image was made",
+                unscrubbed.join("; ")
+            ),
+        ));
+    }
+    if !report.read_only {
+        tracing::warn!("the agent could not remount the file systems read-only; the image's may need a journal replay");
+    }
     Ok(())
 }
 
