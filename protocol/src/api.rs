@@ -238,6 +238,13 @@ pub enum FailureReason {
     Cancelled,
     /// The agent broke the protocol or the coordinator hit an internal error.
     Internal,
+    /// The target's spent token came back with a key other than the enrolled
+    /// agent's: its user-data has leaked, so nothing is made of the machine.
+    EnrollmentConflict,
+    /// The VM stopped (or was stopped at the seal limit) before the agent
+    /// reported a finished seal, or free space could not be scrubbed: the
+    /// disk may still hold secrets, so no image was made.
+    SealIncomplete,
 }
 
 /// The failure of one target: where, why, and what to do about it.

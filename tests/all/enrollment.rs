@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use kiln_protocol::TargetId;
-use kiln_protocol::agent::{EnrollRequest, EnrollResponse, Job, LogAck, paths};
+use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Job, LogAck, ScriptOutcome, paths};
 use kiln_protocol::api::{Build, FailureReason, Status, Step};
 use kiln_protocol::error::ErrorBody;
 use kiln_tests::bed::{Bed, Options};
@@ -78,8 +78,9 @@ async fn status_and_message(resp: reqwest::Response) -> (StatusCode, String) {
 }
 
 // A token works once: a malformed CSR is refused without using it, the first
-// real enrollment succeeds, a replay of the token with another key is refused,
-// and only the enrolled key may retry (after a lost answer).
+// real enrollment succeeds, only the enrolled key may retry (after a lost
+// answer), and a replay of the token with another key is refused and fails
+// the target (enrollment_conflict).
 #[tokio::test]
 async fn tokens_are_single_use() {
     let bed = Bed::start().await;
@@ -100,17 +101,24 @@ async fn tokens_are_single_use() {
     assert_eq!(resp.status(), StatusCode::OK);
     let _: EnrollResponse = resp.json().await.unwrap();
 
-    // A replay with another key (anyone who read the user-data) gets nothing.
-    let (_, other_csr) = csr();
-    let (status, msg) = status_and_message(enroll(&bed, target, &token, &other_csr).await).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(msg.contains("already used"), "{msg}");
     // The agent retrying with its own key, after a lost answer, gets a certificate again.
     let resp = enroll(&bed, target, &token, &good_csr).await;
     assert_eq!(resp.status(), StatusCode::OK, "a retry with the enrolled key is answered");
 
-    let b: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
-    assert_eq!(bed.wait(&b).await.status, Status::Cancelled);
+    // A replay with another key (anyone who read the user-data) gets nothing,
+    // and trips the wire: the target fails and nothing is made of it.
+    let (_, other_csr) = csr();
+    let (status, msg) = status_and_message(enroll(&bed, target, &token, &other_csr).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("already used"), "{msg}");
+    let b = bed.wait(&build).await;
+    assert_eq!(b.status, Status::Failed, "{b:#?}");
+    let err = b.targets[0].error.as_ref().expect("an error");
+    assert_eq!(err.reason, FailureReason::EnrollmentConflict, "{err:#?}");
+    assert!(err.message.contains("user-data has leaked"), "{}", err.message);
+    assert!(b.targets[0].image.is_none());
+    let (status, _) = status_and_message(enroll(&bed, target, &token, &good_csr).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "an ended target enrolls nobody, its own agent included");
 }
 
 // An expired token is refused and nothing is issued; the agent never phones
@@ -138,7 +146,7 @@ async fn expired_token_is_refused() {
 }
 
 // A certificate opens only its own target, only while the target runs; log
-// chunks must continue the committed log.
+// chunks must continue the committed log and stop at the reported total.
 #[tokio::test]
 async fn certificates_are_bound_to_their_target() {
     let bed = Bed::start().await;
@@ -177,6 +185,20 @@ async fn certificates_are_bound_to_their_target() {
         .await
         .unwrap();
     assert_eq!(ack.committed, 6);
+
+    // After the exit report, output past the reported total is refused; a
+    // chunk sent again within it is still answered.
+    let report = ExitReport { outcome: ScriptOutcome::Exited { code: 0 }, total_bytes: 6 };
+    let resp = agent.post(url(paths::exit(a))).json(&report).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let (status, msg) =
+        status_and_message(agent.put(url(paths::log(a))).query(&[("offset", 6)]).body("late\n").send().await.unwrap())
+            .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(msg.contains("reported with 6 bytes"), "{msg}");
+    let resp = agent.put(url(paths::log(a))).query(&[("offset", 0)]).body("hello\n").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "a resent chunk within the total");
+    assert_eq!(bed.log(a).await, b"hello\n");
 
     let done: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
     bed.wait(&done).await;

@@ -197,7 +197,7 @@ freeze </dev/null >/dev/null 2>&1 &
     assert_eq!(build.status, Status::Failed, "{build:#?}");
     let t = &build.targets[0];
     let err = t.error.as_ref().expect("an error");
-    assert_eq!((err.reason, err.step), (FailureReason::Provider, Step::Seal), "{err:#?}");
+    assert_eq!((err.reason, err.step), (FailureReason::SealIncomplete, Step::Seal), "{err:#?}");
     assert!(err.message.contains("had not finished sealing 20s after the script ended"), "{}", err.message);
     assert!(err.message.contains("no image was made"), "{}", err.message);
     assert!(t.image.is_none());

@@ -24,7 +24,6 @@ pub struct PeerIdentity {
     pub serial: String,
 }
 
-/// DHCP on every Ethernet interface, for NoCloud images.
 /// How long past the script's timeout an agent certificate stays valid.
 const CERT_SLACK: Duration = Duration::from_secs(3600);
 
@@ -44,7 +43,9 @@ impl App {
             Err(TokenRefusal::Unknown) => match self.enrollment_retry(&req, &hash, &key)? {
                 Some(t) => t,
                 None => {
+                    self.enrollment_tripwire(&req, &hash, &key)?;
                     self.0.store.flush().await?;
+                    self.notify();
                     return Err(refused("the token is unknown, already used, or not this target's"));
                 }
             },
@@ -136,7 +137,30 @@ impl App {
         })
     }
 
+    /// The tripwire: this target's own spent token, presented with a key
+    /// other than the enrolled agent's, means someone else has read its
+    /// user-data. The target fails (and unwinds) before anything is made of a
+    /// machine they may now reach.
+    fn enrollment_tripwire(&self, req: &EnrollRequest, hash: &TokenHash, key: &str) -> Result<(), AppError> {
+        let Some(t) = self.0.store.target(req.target)? else { return Ok(()) };
+        let same_token = TokenHash::of(&self.0.pki.tokens().token(req.target)) == *hash;
+        if !same_token || !t.enrolled || t.enrolled_key.as_deref() == Some(key) || t.status.is_terminal() {
+            return Ok(());
+        }
+        tracing::warn!(build = %t.build, target = %t.id, "the spent token was presented with another key; failing the target");
+        self.0.store.update_target(req.target, |r| {
+            r.fail(
+                FailureReason::EnrollmentConflict,
+                "the target's spent enrollment token was presented again with a key other than the enrolled \
+                 agent's: its user-data has leaked (to a script or process in the VM, or to whoever can read the \
+                 instance's metadata), so no image is made; find who read it, then build again",
+            )
+        })?;
+        Ok(())
+    }
+
     /// Appends a chunk idempotently and answers with the durable offset.
+    /// Once the exit is reported, nothing past the reported total is taken.
     pub async fn append_log(
         &self,
         peer: Option<&PeerIdentity>,
@@ -144,7 +168,14 @@ impl App {
         offset: u64,
         bytes: bytes::Bytes,
     ) -> Result<LogAck, AppError> {
-        self.authorize(peer, target)?;
+        let t = self.authorize(peer, target)?;
+        if let Some(total) = t.reported_total
+            && offset.saturating_add(bytes.len() as u64) > total
+        {
+            return Err(AppError::Conflict(format!(
+                "the exit was reported with {total} bytes of output; no output past it is taken"
+            )));
+        }
         match self.0.logs.append(target, offset, bytes).await? {
             Append::Committed(committed) => {
                 self.notify();

@@ -326,7 +326,7 @@ fn check_seal(report: Option<&SealReport>, forced: bool, limit: Duration) -> Res
             "the instance stopped before the agent reported a finished seal".to_owned()
         };
         return Err(StepError::fail(
-            FailureReason::Provider,
+            FailureReason::SealIncomplete,
             format!(
                 "{why}; its disk may still hold the enrollment token and what the script removed, so no image was \
                  made (a large disk may need a longer `timeouts.seal`)"
@@ -339,7 +339,7 @@ fn check_seal(report: Option<&SealReport>, forced: bool, limit: Duration) -> Res
         .collect();
     if !unscrubbed.is_empty() {
         return Err(StepError::fail(
-            FailureReason::Provider,
+            FailureReason::SealIncomplete,
             format!(
                 "the agent could not scrub the free space of {}; it may still hold the enrollment token and what \
                  the script removed, so no image was made",
