@@ -40,10 +40,9 @@ impl App {
         let now = Timestamp::now();
         let target = match self.0.store.consume_token(&hash.0, req.target, now, &key)? {
             Ok(t) => t,
-            Err(TokenRefusal::Unknown) => match self.enrollment_retry(&req, &hash, &key)? {
+            Err(TokenRefusal::Unknown) => match self.spent_token(&req, &hash, &key)? {
                 Some(t) => t,
                 None => {
-                    self.enrollment_tripwire(&req, &hash, &key)?;
                     self.0.store.flush().await?;
                     self.notify();
                     return Err(refused("the token is unknown, already used, or not this target's"));
@@ -64,24 +63,32 @@ impl App {
         Ok(EnrollResponse { certificate_pem: issued.pem, not_after })
     }
 
-    /// The target, when this request repeats the enrollment that consumed its
-    /// token with the same key: the first answer was lost, and a certificate
-    /// for a key the agent alone holds gives nobody else anything.
-    fn enrollment_retry(
-        &self,
-        req: &EnrollRequest,
-        hash: &TokenHash,
-        key: &str,
-    ) -> Result<Option<TargetRecord>, AppError> {
+    /// A request with this target's own spent token. With the enrolled key it
+    /// repeats the enrollment whose answer was lost, and gets the target back:
+    /// a certificate for a key the agent alone holds gives nobody else
+    /// anything. With any other key it trips the wire: someone else has read
+    /// the user-data, so the target fails (and unwinds) before anything is
+    /// made of a machine they may now reach.
+    fn spent_token(&self, req: &EnrollRequest, hash: &TokenHash, key: &str) -> Result<Option<TargetRecord>, AppError> {
         let Some(t) = self.0.store.target(req.target)? else { return Ok(None) };
         let same_token = TokenHash::of(&self.0.pki.tokens().token(req.target)) == *hash;
-        let same_key = t.enrolled_key.as_deref() == Some(key);
-        if same_token && same_key && t.enrolled && !t.status.is_terminal() {
-            tracing::info!(build = %t.build, target = %t.id, "enrollment retried with the same key");
-            Ok(Some(t))
-        } else {
-            Ok(None)
+        if !same_token || !t.enrolled || t.status.is_terminal() {
+            return Ok(None);
         }
+        if t.enrolled_key.as_deref() == Some(key) {
+            tracing::info!(build = %t.build, target = %t.id, "enrollment retried with the same key");
+            return Ok(Some(t));
+        }
+        tracing::warn!(build = %t.build, target = %t.id, "the spent token was presented with another key; failing the target");
+        self.0.store.update_target(req.target, |r| {
+            r.fail(
+                FailureReason::EnrollmentConflict,
+                "the target's spent enrollment token was presented again with a key other than the enrolled \
+                 agent's: its user-data has leaked (to a script or process in the VM, or to whoever can read the \
+                 instance's metadata), so no image is made; find who read it, then build again",
+            )
+        })?;
+        Ok(None)
     }
 
     /// Checks that `peer` may act for `target`, and returns the target.
@@ -135,28 +142,6 @@ impl App {
             no_proxy,
             generalize: rev.spec.generalize.unwrap_or(true),
         })
-    }
-
-    /// The tripwire: this target's own spent token, presented with a key
-    /// other than the enrolled agent's, means someone else has read its
-    /// user-data. The target fails (and unwinds) before anything is made of a
-    /// machine they may now reach.
-    fn enrollment_tripwire(&self, req: &EnrollRequest, hash: &TokenHash, key: &str) -> Result<(), AppError> {
-        let Some(t) = self.0.store.target(req.target)? else { return Ok(()) };
-        let same_token = TokenHash::of(&self.0.pki.tokens().token(req.target)) == *hash;
-        if !same_token || !t.enrolled || t.enrolled_key.as_deref() == Some(key) || t.status.is_terminal() {
-            return Ok(());
-        }
-        tracing::warn!(build = %t.build, target = %t.id, "the spent token was presented with another key; failing the target");
-        self.0.store.update_target(req.target, |r| {
-            r.fail(
-                FailureReason::EnrollmentConflict,
-                "the target's spent enrollment token was presented again with a key other than the enrolled \
-                 agent's: its user-data has leaked (to a script or process in the VM, or to whoever can read the \
-                 instance's metadata), so no image is made; find who read it, then build again",
-            )
-        })?;
-        Ok(())
     }
 
     /// Appends a chunk idempotently and answers with the durable offset.
