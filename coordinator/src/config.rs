@@ -26,8 +26,25 @@ pub struct Config {
     /// Where kiln's tiny image is cached (scripts/quickstart builds it there):
     /// `$KILN_CACHE_DIR`, else `$XDG_CACHE_HOME/kiln`, else `$HOME/.cache/kiln`.
     pub image_cache: Option<PathBuf>,
+    /// TLS for the public API and page; required off loopback unless
+    /// [`Self::insecure_http`].
+    pub api_tls: Option<ApiTls>,
+    /// Serve the public API in plain HTTP on a non-loopback address anyway.
+    pub insecure_http: bool,
+    /// Names the public listener answers to besides the loopback names and
+    /// its own address (`--api-host`): the `Host` allowlist.
+    pub api_hosts: Vec<String>,
     pub limits: Limits,
     pub timeouts: Timeouts,
+}
+
+/// Where the public listener's TLS certificate comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiTls {
+    /// PEM files: the certificate chain and its private key.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A certificate from kiln's own CA (`<data>/pki/ca.crt`) for the API's names.
+    FromCa,
 }
 
 /// How a local VM reaches kiln: QEMU forwards a fixed guest-side address
@@ -169,6 +186,9 @@ impl Config {
             guest: GuestNet { address: GuestNet::DEFAULT_ADDRESS, relay_program: default_relay_program() },
             image_dirs: Vec::new(),
             image_cache: image_cache(|key| std::env::var_os(key)),
+            api_tls: None,
+            insecure_http: false,
+            api_hosts: Vec::new(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
@@ -11,13 +12,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api;
 use crate::app::{App, AppError};
-use crate::config::{Config, GuestSocket};
+use crate::config::{ApiTls, Config, GuestSocket};
 use crate::providers::{Providers, Served};
 
 /// Already-bound listeners, so callers (and tests) can bind port 0.
 #[derive(Debug)]
 pub struct Listeners {
-    /// The public API and web page (plain HTTP; keep it on a trusted network).
+    /// The public API and web page (TLS off loopback, see [`Config::api_tls`]).
     pub api: TcpListener,
     /// Agents, over mutual TLS.
     pub agent: TcpListener,
@@ -66,6 +67,8 @@ impl Server {
             agent_port: addrs.agent.port(),
             bootstrap_port: addrs.bootstrap.port(),
         };
+        let api_tls = api_tls_needed(&config, addrs.api)?;
+        let hosts = host_allowlist(&config, addrs.api);
         let app = App::open(config, providers, served)?;
         // Only now: the open store holds the data directory's lock, so no other
         // kiln owns the sockets this replaces.
@@ -73,8 +76,16 @@ impl Server {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         // The public listener serves the API and, at `/`, the web page that uses it.
-        let public = api::v1::router(app.clone()).merge(api::web::router());
-        tasks.spawn(plain(listeners.api, public, shutdown.clone()));
+        let public = api::v1::router(app.clone())
+            .merge(api::web::router())
+            .layer(axum::middleware::from_fn_with_state(hosts, api::auth::host_guard));
+        match api_tls {
+            None => tasks.spawn(plain(listeners.api, public, shutdown.clone())),
+            Some(source) => {
+                let tls = api_tls_config(&app, &source, addrs.api)?;
+                tasks.spawn(api::tls::serve(listeners.api, tls, public, shutdown.clone()))
+            }
+        };
         tasks.spawn(plain(listeners.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
         tasks.spawn(plain(guest.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
         let agents = || api::agent::router(app.clone());
@@ -112,6 +123,68 @@ impl Server {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
+}
+
+/// The public listener's TLS source; refuses plain HTTP off loopback unless
+/// the user said `--insecure-http`.
+fn api_tls_needed(config: &Config, api: SocketAddr) -> Result<Option<ApiTls>, AppError> {
+    match &config.api_tls {
+        Some(tls) => Ok(Some(tls.clone())),
+        None if api.ip().is_loopback() || config.insecure_http => Ok(None),
+        None => Err(AppError::BadRequest(format!(
+            "the API would listen on {api}, off loopback, in plain HTTP: tokens would cross the network in the clear; \
+             give --tls-cert and --tls-key, or --tls-from-ca for a certificate from kiln's CA, \
+             or --insecure-http if the network is trusted"
+        ))),
+    }
+}
+
+/// The rustls configuration of the public listener.
+fn api_tls_config(app: &App, source: &ApiTls, api: SocketAddr) -> Result<Arc<rustls::ServerConfig>, AppError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    match source {
+        ApiTls::FromCa => {
+            let mut names = app.config().certificate_names();
+            names.extend(app.config().api_hosts.iter().cloned());
+            if !api.ip().is_unspecified() {
+                names.push(api.ip().to_string());
+            }
+            names.sort();
+            names.dedup();
+            Ok(app.pki().api_tls(&names)?)
+        }
+        ApiTls::Files { cert, key } => {
+            let bad = |path: &Path, e: &dyn std::fmt::Display| {
+                AppError::BadRequest(format!("cannot use {} for the API's TLS: {e}", path.display()))
+            };
+            let chain = CertificateDer::pem_file_iter(cert)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad(cert, &e))?;
+            if chain.is_empty() {
+                return Err(bad(cert, &"it holds no PEM certificate"));
+            }
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, &e))?;
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
+                .map_err(|e| bad(cert, &e))?;
+            tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Ok(Arc::new(tls))
+        }
+    }
+}
+
+/// The names the public listener answers to: loopback, its own address,
+/// and `--api-host`.
+fn host_allowlist(config: &Config, api: SocketAddr) -> api::auth::HostAllowlist {
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    if !api.ip().is_unspecified() {
+        names.push(api.ip().to_string());
+    }
+    names.extend(config.api_hosts.iter().cloned());
+    api::auth::HostAllowlist::new(names)
 }
 
 /// Serves `router` over plain HTTP until `stop`.

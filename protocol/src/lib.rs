@@ -1,6 +1,7 @@
 //! kiln's wire types: everything that crosses a process boundary.
 //!
 //! # Layout
+//! - [`access`]: API tokens, roles and the page's login session.
 //! - [`ids`]: typed identifiers (`BuildId`, `TargetId`, validated names).
 //! - [`api`]: the public `/v1` HTTP API's requests and views.
 //! - [`agent`]: the messages between the agent in a VM and the coordinator.
@@ -9,6 +10,7 @@
 //! This crate knows nothing of tokio, axum or sled: it is serde types only, so
 //! the agent, the CLI and the coordinator agree on one definition.
 
+pub mod access;
 pub mod agent;
 pub mod api;
 pub mod error;

@@ -7,7 +7,8 @@ use kiln_tests::bed::Bed;
 
 async fn kiln(bed: &Bed, args: &[&str]) -> i32 {
     let server = bed.client.base().to_owned();
-    let mut argv = vec!["kiln", "--server", &server, "--output", "json"];
+    let token = bed.client.token().expect("the bed's client has a token").to_owned();
+    let mut argv = vec!["kiln", "--server", &server, "--token", &token, "--output", "json"];
     argv.extend_from_slice(args);
     run(Cli::try_parse_from(argv).expect("valid command line")).await.expect("command ran")
 }

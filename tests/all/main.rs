@@ -1,6 +1,7 @@
 //! kiln's integration tests, all in one binary so they build once.
 //! Each test starts its own coordinator on loopback ports (see `kiln_tests::bed`).
 
+mod access;
 mod api_errors;
 mod boot_hook;
 mod builds;

@@ -14,14 +14,22 @@ fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots")
 }
 
-/// A coordinator with cloud `local` and a browser on its page.
+/// A coordinator with cloud `local` and a browser logged in on its page.
 async fn start() -> (Bed, Browser) {
     let bed = Bed::start().await;
     bed.add_cloud("local").await;
     let browser = Browser::start().await;
     browser.goto(&format!("http://{}/", bed.addrs().api)).await;
-    browser.wait_text("h1", "Image generators").await;
+    log_in(&browser, bed.client.token().unwrap()).await;
     (bed, browser)
+}
+
+/// Logs in with `token` on the login form the page shows first.
+async fn log_in(browser: &Browser, token: &str) {
+    browser.wait_text("h1", "Log in to kiln").await;
+    browser.fill("#login-token", token).await;
+    browser.click("#login-form button[type=submit]").await;
+    browser.wait_text("h1", "Image generators").await;
 }
 
 /// Adds a generator in the page with `script` and base image "process" on `cloud`, and saves it.
@@ -178,4 +186,66 @@ async fn page_asks_for_the_password_at_each_build() {
     browser.wait_text(".diff .del", "- echo asked").await;
     browser.wait_text(".diff .add", "+ echo asked twice").await;
     browser.close().await;
+}
+
+// Without a login the page shows only its login form (a wrong token is refused in
+// words); after it, the data. A form on another site that posts to the API with the
+// session's cookie cannot cancel a build: it lacks the session's CSRF token.
+#[tokio::test]
+async fn page_needs_a_login_and_refuses_cross_site_posts() {
+    let bed = Bed::start().await;
+    bed.add_cloud("local").await;
+    let _ = bed.create_generator(&Bed::spec("long", "sleep 300", &["local"])).await;
+    let build = bed.start_build("long").await;
+    let browser = Browser::start().await;
+    let page = format!("http://{}/", bed.addrs().api);
+    browser.goto(&page).await;
+    browser.wait_text("h1", "Log in to kiln").await;
+    assert_eq!(browser.eval("return document.querySelector('#main').innerText.includes('long')").await, json!(false));
+    browser.fill("#login-token", "kiln_not-a-token").await;
+    browser.click("#login-form button[type=submit]").await;
+    browser.wait_text("#login-form [role=alert]", "not valid").await;
+    log_in(&browser, bed.client.token().unwrap()).await;
+    browser.wait_text("#main", "long").await;
+    browser.wait_text("#who", "admin").await;
+    let cookie_js = browser.eval("return document.cookie").await;
+    assert_eq!(cookie_js, json!(""), "the session cookie is HttpOnly");
+
+    // Other origins' pages auto-submit a form to the cancel route: from another
+    // site the browser sends no cookie (SameSite=Strict); from the same site on
+    // another port it does, and the missing CSRF token refuses it.
+    let cancel = format!("{}v1/builds/{}/cancel", page, build.id);
+    let form = format!(
+        "<form id=f method=post action=\"{cancel}\" enctype=text/plain><input name=x value=y></form><script>f.submit()</script>"
+    );
+    for (host, refusal) in [("localhost", "unauthorized"), ("127.0.0.1", "CSRF")] {
+        browser.goto(&attacker_page(host, &form).await).await;
+        let cond = format!("document.body && document.body.innerText.includes('{refusal}')");
+        browser.wait_until(&cond, "the API's refusal").await;
+        let now: Build = bed.client.get(&format!("/v1/builds/{}", build.id)).await.unwrap();
+        assert!(!now.cancel_requested, "a post from {host} cancelled the build");
+        assert_eq!(now.status, Status::Running);
+    }
+
+    // The page itself can cancel, and logging out ends the session.
+    browser.goto(&format!("{page}#/builds/{}", build.id)).await;
+    browser.wait_text("h1", "Build ").await;
+    browser.click("#cancel").await;
+    browser.wait_text(".build-status", "cancelled").await;
+    browser.click("#logout").await;
+    browser.wait_text("h1", "Log in to kiln").await;
+    browser.eval("location.reload()").await;
+    browser.wait_text("h1", "Log in to kiln").await;
+    browser.close().await;
+}
+
+/// Serves `html` at `/` on another loopback port (another origin), named by
+/// `host`; returns its URL.
+async fn attacker_page(host: &str, html: &str) -> String {
+    let html = html.to_owned();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{host}:{}/", listener.local_addr().unwrap().port());
+    let app = axum::Router::new().route("/", axum::routing::get(move || async move { axum::response::Html(html) }));
+    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+    url
 }

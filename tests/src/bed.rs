@@ -11,6 +11,7 @@ use kiln_coordinator::cli::Client;
 use kiln_coordinator::server::Addrs;
 use kiln_coordinator::{App, Config, Listeners, Providers, Server};
 use kiln_protocol::TargetId;
+use kiln_protocol::access::{CreatedToken, Role, TokenRequest};
 use kiln_protocol::api::{
     Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, LogChunk, LogEnd, Revision, TargetSpec,
 };
@@ -78,8 +79,23 @@ impl Bed {
             .await
             .expect("start coordinator");
         let addrs = server.addrs();
-        let client = Client::new(&format!("http://{}", addrs.api)).unwrap();
+        let client = Client::new(&format!("http://{}", addrs.api)).unwrap().with_token(admin_token(&config));
         Self { dir, provider, client, server: Some(server), addrs, opts }
+    }
+
+    /// A client of this coordinator with no token.
+    pub fn anonymous(&self) -> Client {
+        Client::new(&format!("http://{}", self.addrs.api)).unwrap()
+    }
+
+    /// A client with a new token of `role`.
+    pub async fn client_with_role(&self, role: Role) -> Client {
+        let created: CreatedToken = self
+            .client
+            .post("/v1/tokens", &TokenRequest { name: format!("test {role}"), role })
+            .await
+            .expect("create a token");
+        self.anonymous().with_token(created.secret)
     }
 
     pub fn app(&self) -> &App {
@@ -275,6 +291,12 @@ fn image_dirs(dir: &TempDir) -> Vec<PathBuf> {
         .chain(given)
         .map(|d| std::path::absolute(d).expect("absolute path"))
         .collect()
+}
+
+/// The admin token the coordinator wrote at first start.
+pub fn admin_token(config: &Config) -> String {
+    let path = config.data_dir.join("admin-token");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).trim().to_owned()
 }
 
 fn config(dir: &TempDir, opts: &Options) -> Config {

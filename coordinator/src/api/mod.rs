@@ -1,12 +1,14 @@
 //! HTTP: the only module that knows it. Three listeners, three routers:
 //!
-//! - [`v1`]: the public JSON API (and its OpenAPI document), for the CLI and the page.
+//! - [`v1`]: the public JSON API (and its OpenAPI document), for the CLI and the
+//!   page, behind [`auth`] (tokens, roles, the page's session, the Host allowlist).
 //! - [`agent`]: the mTLS listener agents call; [`tls`] accepts its connections
 //!   and hands each request the identity from its client certificate.
 //! - [`bootstrap`]: plain HTTP for what an instance fetches before it has a
 //!   certificate (the agent binary; its sha256 in user-data makes it safe).
 
 pub mod agent;
+pub mod auth;
 pub mod bootstrap;
 mod error;
 mod extract;

@@ -1,11 +1,13 @@
 //! The application layer: the API handlers and the one-shot CLI call this; it
 //! owns the store, the log files, the PKI, the providers and the workflows.
 //!
+//! - [`access`]: API tokens, roles and the page's sessions.
 //! - [`catalog`]: clouds and generators with their revisions.
 //! - [`builds`]: starting, listing, showing and cancelling builds; logs.
 //! - [`agents`]: what an enrolled agent may do, authorized by its certificate.
 //! - [`images`]: what builds made.
 
+pub mod access;
 pub mod agents;
 pub mod builds;
 pub mod catalog;
@@ -68,6 +70,8 @@ pub(crate) struct Inner {
     /// Passwords of ask-every-time clouds, per running build; memory only,
     /// dropped when the build ends.
     pub(crate) build_secrets: Mutex<HashMap<BuildId, HashMap<CloudName, Secret>>>,
+    /// In-process tokens and the page's sessions.
+    pub(crate) access: access::Access,
 }
 
 impl App {
@@ -93,7 +97,9 @@ impl App {
             shutdown: CancellationToken::new(),
             interrupts: Mutex::default(),
             build_secrets: Mutex::default(),
+            access: access::Access::default(),
         }));
+        app.ensure_admin_token()?;
         crate::workflow::resume_all(&app)?;
         Ok(app)
     }

@@ -10,6 +10,8 @@ use serde::de::DeserializeOwned;
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …` with every request.
+    token: Option<String>,
 }
 
 /// An error answer from the coordinator, with its status.
@@ -26,15 +28,42 @@ impl Client {
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()
             .context("cannot build an HTTP client")?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, token: None })
+    }
+
+    /// A client that trusts kiln's CA (PEM) for an `https://` coordinator.
+    pub fn with_ca(base: &str, ca_pem: &[u8]) -> anyhow::Result<Self> {
+        let ca = reqwest::Certificate::from_pem(ca_pem).context("the CA certificate is not PEM")?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .add_root_certificate(ca)
+            .build()
+            .context("cannot build an HTTP client")?;
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, token: None })
+    }
+
+    /// The same client, sending `token` with every request.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into().trim().to_owned());
+        self
+    }
+
+    /// The token this client sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     pub fn base(&self) -> &str {
         &self.base
     }
 
+    /// A request to `path`, with the client's token.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base))
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(token) => req.bearer_auth(token),
+            None => req,
+        }
     }
 
     /// Sends and turns a non-2xx answer into an [`ApiFailure`].

@@ -18,7 +18,9 @@ use super::{BuildCommand, Client, CloudCommand, Command, GeneratorCommand, Gener
 
 pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::Result<i32> {
     match command {
-        Command::Serve(_) | Command::GuestRelay { .. } => unreachable!("serve and the relay run in-process"),
+        Command::Serve(_) | Command::GuestRelay { .. } | Command::Token(_) => {
+            unreachable!("serve, the relay and tokens are run by cli::run")
+        }
         Command::Cloud(c) => cloud(client, output, c).await.map(|()| 0),
         Command::Generator(g) => generator(client, output, g).await.map(|()| 0),
         Command::Build(b) => build(client, output, b).await,

@@ -8,10 +8,12 @@ mod oneshot;
 mod output;
 pub mod relay;
 mod serve;
+mod token;
 mod wait;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 pub use client::Client;
@@ -26,6 +28,14 @@ pub struct Cli {
     /// The coordinator's API.
     #[arg(long, global = true, env = "KILN_SERVER")]
     pub server: Option<String>,
+    /// The API token to send (default: on this machine, the admin token in
+    /// the data directory, `$KILN_DATA_DIR` or `.kiln-data`).
+    #[arg(long, global = true, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The CA certificate (PEM) of an `https://` coordinator (default: kiln's
+    /// own CA in the local data directory).
+    #[arg(long, global = true, env = "KILN_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// How to print results.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -55,6 +65,9 @@ pub enum Command {
     /// The images builds made.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// API tokens and their roles (admin).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Internal: QEMU runs this for each guest connection to kiln's guest-side
     /// address; it relays the connection to a socket in the data directory.
     #[command(hide = true)]
@@ -207,8 +220,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             oneshot::run(oneshot, cli.output, start).await
         }
         (command, server) => {
-            let client = Client::new(server.as_deref().unwrap_or(DEFAULT_SERVER))?;
-            commands::run(&client, cli.output, command).await
+            let server = server.as_deref().unwrap_or(DEFAULT_SERVER);
+            let mut client = match token::find_ca(cli.ca_cert).filter(|_| server.starts_with("https://")) {
+                Some(ca) => {
+                    let pem = std::fs::read(&ca).with_context(|| format!("cannot read the CA {}", ca.display()))?;
+                    Client::with_ca(server, &pem)?
+                }
+                None => Client::new(server)?,
+            };
+            if let Some(t) = token::find_token(cli.token, server)? {
+                client = client.with_token(t);
+            }
+            match command {
+                Command::Token(t) => token::run(&client, cli.output, t).await.map(|()| 0),
+                command => commands::run(&client, cli.output, command).await,
+            }
         }
     }
 }

@@ -65,7 +65,9 @@ pub async fn run(args: OneShotArgs, output: Output, mut start: StartArgs) -> any
     let providers = super::serve::builtin_providers(&config);
     let server = Server::start(config, providers, listeners).await.context("cannot start the coordinator")?;
     let app = server.app().clone();
-    let client = Client::new(&format!("http://{}", server.addrs().api))?;
+    // This process's own client: a token that lives as long as it does.
+    let token = app.ephemeral_token("one-shot", kiln_protocol::access::Role::Admin);
+    let client = Client::new(&format!("http://{}", server.addrs().api))?.with_token(token);
     let earlier = app.unfinished_builds()?;
     for id in &earlier {
         eprintln!("resuming {}", describe(&app.build(*id).await?));

@@ -23,9 +23,27 @@ pub struct ServeArgs {
     /// Where the database, CA and logs live.
     #[arg(long, env = "KILN_DATA_DIR", default_value = ".kiln-data")]
     pub data_dir: PathBuf,
-    /// The public API and web page.
+    /// The public API and web page. Off loopback it needs TLS (--tls-cert and
+    /// --tls-key, or --tls-from-ca) or --insecure-http.
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub listen: SocketAddr,
+    /// The public listener's certificate chain (PEM).
+    #[arg(long, requires = "tls_key", conflicts_with = "tls_from_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve the public listener with a certificate from kiln's CA
+    /// (clients trust `<data-dir>/pki/ca.crt`).
+    #[arg(long)]
+    pub tls_from_ca: bool,
+    /// Serve the public API in plain HTTP off loopback (a trusted network only).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_from_ca"])]
+    pub insecure_http: bool,
+    /// Another name the public listener answers to (repeatable): requests with
+    /// any other Host are refused, which defeats DNS rebinding.
+    #[arg(long = "api-host", value_name = "NAME")]
+    pub api_hosts: Vec<String>,
     /// The mTLS listener agents call.
     #[arg(long, default_value = "0.0.0.0:7701")]
     pub agent_listen: SocketAddr,
@@ -67,6 +85,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(bin) = args.agent_binary {
         config.agent_binary = bin;
     }
+    config.api_tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::config::ApiTls::Files { cert, key }),
+        _ if args.tls_from_ca => Some(crate::config::ApiTls::FromCa),
+        _ => None,
+    };
+    config.insecure_http = args.insecure_http;
+    config.api_hosts = args.api_hosts;
     config.limits.max_script_bytes = args.max_script_bytes;
     config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);
     config.check().map_err(anyhow::Error::msg)?;

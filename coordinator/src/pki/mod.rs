@@ -112,6 +112,19 @@ impl Pki {
         self.agent_tls.clone()
     }
 
+    /// A TLS configuration for the public API with a server certificate from
+    /// this CA for `names` (clients trust `<data>/pki/ca.crt`); no client certificates.
+    pub fn api_tls(&self, names: &[String]) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+        let (chain, key) = server_cert(&self.ca_pem, &self.issuer, names)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// Signs a client certificate for `target`, valid until `not_after`.
     ///
     /// Only the CSR's public key is used; its subject and extensions (which
@@ -146,11 +159,12 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
-fn agent_tls_config(
+/// A server certificate from the CA for `server_names`, with the CA in its chain.
+fn server_cert(
     ca_pem: &str,
     issuer: &Issuer<'static, KeyPair>,
     server_names: &[String],
-) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), PkiError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = dn("kiln coordinator");
@@ -167,22 +181,32 @@ fn agent_tls_config(
     params.not_after = to_time(Timestamp::now()) + time::Duration::days(365);
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, issuer)?;
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+        .map_err(|e| rustls::Error::General(format!("CA certificate: {e}")))?;
+    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| rustls::Error::General(e.to_owned()))?;
+    Ok((vec![cert.der().clone(), ca_der], key_der))
+}
 
+fn agent_tls_config(
+    ca_pem: &str,
+    issuer: &Issuer<'static, KeyPair>,
+    server_names: &[String],
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    let (chain, key_der) = server_cert(ca_pem, issuer, server_names)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
         .map_err(|e| rustls::Error::General(format!("CA certificate: {e}")))?;
-    roots.add(ca_der.clone())?;
+    roots.add(ca_der)?;
     // Unauthenticated handshakes are allowed so an agent can enroll; every
     // other route refuses a request without a verified client certificate.
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()?;
-    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| rustls::Error::General(e.to_owned()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![cert.der().clone(), ca_der], key_der)?;
+        .with_single_cert(chain, key_der)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

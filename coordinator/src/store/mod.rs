@@ -9,6 +9,7 @@ pub mod records;
 
 use std::path::Path;
 
+use kiln_protocol::access::ApiToken;
 use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, Image, Revision};
 use kiln_protocol::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 use serde::Serialize;
@@ -64,6 +65,8 @@ pub struct Store {
     images: Tree,
     /// Cloud access keys, apart from the clouds so no view can carry them.
     secrets: Tree,
+    /// API tokens by the hex SHA-256 of their secret.
+    api_tokens: Tree,
 }
 
 impl std::fmt::Debug for Store {
@@ -138,6 +141,7 @@ impl Store {
             certs: db.open_tree("certs")?,
             images: db.open_tree("images")?,
             secrets: db.open_tree("secrets")?,
+            api_tokens: db.open_tree("api_tokens")?,
             db,
         })
     }
@@ -387,6 +391,37 @@ impl Store {
     // ---- images
 
     /// Records an image under its (unique) name.
+    /// Keeps a new API token under the hash of its secret.
+    pub fn insert_api_token(&self, hash: &str, token: &ApiToken) -> Result<(), StoreError> {
+        self.api_tokens.insert(hash, encode(token))?;
+        Ok(())
+    }
+
+    /// The token whose secret hashes to `hash`.
+    pub fn api_token(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
+        self.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()
+    }
+
+    /// Every API token, oldest first.
+    pub fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        let mut all =
+            self.api_tokens.iter().map(|kv| decode::<ApiToken>("api_tokens", &kv?.1)).collect::<Result<Vec<_>, _>>()?;
+        all.sort_by_key(|t| t.created_at);
+        Ok(all)
+    }
+
+    /// Removes the token with this id; false when there is none.
+    pub fn remove_api_token(&self, id: &str) -> Result<bool, StoreError> {
+        for kv in self.api_tokens.iter() {
+            let (key, value) = kv?;
+            if decode::<ApiToken>("api_tokens", &value)?.id == id {
+                self.api_tokens.remove(key)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     pub fn insert_image(&self, image: &Image) -> Result<(), StoreError> {
         self.images.insert(image.name.as_bytes(), encode(image))?;
         Ok(())

@@ -1,6 +1,9 @@
 // kiln's web page: a small hash-routed app over the /v1 API, no framework.
 // Routes: #/ (generators), #/generators/NAME (editor, revisions, builds),
 // #/builds/ID (one build: targets, timings, errors, live logs).
+// Until a session exists, every route shows the login form: an API token is
+// exchanged for an HttpOnly session cookie, and every change carries the
+// session's CSRF token in X-Kiln-Csrf.
 'use strict';
 
 const $ = (sel) => document.querySelector(sel);
@@ -16,6 +19,8 @@ let flash = '';
 // The current view's clean-up (timers, event sources) and a counter to drop stale renders.
 let cleanup = () => {};
 let routeSeq = 0;
+// The session: who is logged in and the CSRF token its changes carry (null: not yet known).
+let session = null;
 
 // ---- small helpers ----
 
@@ -34,7 +39,8 @@ function h(tag, attrs, ...children) {
 
 /** Calls the API; throws an Error whose message is the API's sentence. */
 async function api(method, path, body) {
-  const init = { method, headers: {} };
+  const init = { method, headers: {}, credentials: 'same-origin' };
+  if (method !== 'GET' && session && session.csrf) init.headers['x-kiln-csrf'] = session.csrf;
   if (body !== undefined) {
     init.headers['content-type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -99,13 +105,62 @@ async function route() {
     return true;
   };
   try {
+    if (!session) {
+      try {
+        session = await api('GET', '/v1/session');
+      } catch (e) {
+        if (e.status === 401) return loginView(show);
+        throw e;
+      }
+      showWho();
+    }
     if (parts[0] === 'generators' && parts[1]) await generatorView(parts[1], show);
     else if (parts[0] === 'builds' && parts[1]) await buildView(parts[1], show);
     else await listView(show);
   } catch (e) {
+    if (e.status === 401) { // the session ended (expired, revoked, restart)
+      session = null;
+      showWho();
+      return loginView(show);
+    }
     show(h('h1', { tabindex: -1, text: 'Could not load this page' }), h('p', { role: 'alert', class: 'error', text: e.message }),
       h('p', {}, h('a', { href: '#/', text: 'Back to the generators' })));
   }
+}
+
+// ---- login ----
+
+/** The login form: an API token in, a session cookie out. */
+function loginView(show) {
+  const box = alertBox();
+  const input = h('input', { id: 'login-token', name: 'token', type: 'password', required: true, autocomplete: 'off' });
+  const form = h('form', { id: 'login-form', onsubmit: async (ev) => {
+    ev.preventDefault();
+    showError(box, null);
+    try {
+      session = await api('POST', '/v1/session', { token: input.value.trim() });
+      input.value = '';
+      showWho();
+      route();
+    } catch (e) { showError(box, e); }
+  } },
+  h('label', { for: 'login-token', text: 'API token' }), input,
+  h('p', { class: 'hint', text: 'kiln serve wrote an admin token to admin-token in its data directory; `kiln token create` makes more.' }),
+  h('div', { class: 'actions' }, h('button', { type: 'submit', text: 'Log in' })), box);
+  show(h('h1', { tabindex: -1, text: 'Log in to kiln' }), form);
+}
+
+/** Shows who is logged in, with a way out, in the header. */
+function showWho() {
+  const who = $('#who');
+  if (!session) { who.replaceChildren(); return; }
+  who.replaceChildren(h('span', { text: `${session.name} (${session.role}) ` }),
+    h('button', { type: 'button', id: 'logout', class: 'secondary', onclick: async () => {
+      try { await api('DELETE', '/v1/session'); } catch { /* the cookie is cleared anyway */ }
+      session = null;
+      showWho();
+      route();
+    } }, 'Log out'));
 }
 
 // ---- #/ : the generator list ----
