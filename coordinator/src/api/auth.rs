@@ -131,7 +131,7 @@ impl HostAllowlist {
                 .map_or(authority, |(h, _)| h),
         };
         let host = host.trim_end_matches('.').to_ascii_lowercase();
-        self.0.iter().any(|n| *n == host)
+        self.0.contains(&host)
     }
 }
 
