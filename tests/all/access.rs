@@ -120,7 +120,7 @@ async fn roles_limit_what_a_token_may_do() {
 #[tokio::test]
 async fn tokens_are_created_listed_and_revoked() {
     let bed = Bed::start().await;
-    let file = bed.data_dir().join("admin-token");
+    let file = bed.data_dir().join(kiln_coordinator::app::access::ADMIN_TOKEN_FILE);
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
     let created: CreatedToken =
         bed.client.post("/v1/tokens", &TokenRequest { name: "ci".into(), role: Role::Viewer }).await.unwrap();
@@ -252,7 +252,7 @@ async fn off_loopback_the_api_needs_tls() {
         .unwrap();
     let port = server.addrs().api.port();
     let ca = std::fs::read(config.data_dir.join("pki/ca.crt")).unwrap();
-    let token = std::fs::read_to_string(config.data_dir.join("admin-token")).unwrap();
+    let token = std::fs::read_to_string(config.data_dir.join(kiln_coordinator::app::access::ADMIN_TOKEN_FILE)).unwrap();
     let client = Client::with_ca(&format!("https://127.0.0.1:{port}"), &ca).unwrap().with_token(token);
     let clouds: Vec<serde_json::Value> = client.get("/v1/clouds").await.unwrap();
     assert!(clouds.is_empty());

@@ -39,7 +39,8 @@ async fn serve(data: &Path, port: u16) -> (KilnProcess, Client) {
         "serve did not start: {}",
         kiln.stderr()
     );
-    let token = std::fs::read_to_string(data.join("admin-token")).expect("serve wrote the admin token");
+    let token = std::fs::read_to_string(data.join(kiln_coordinator::app::access::ADMIN_TOKEN_FILE))
+        .expect("serve wrote the admin token");
     (kiln, Client::new(&format!("http://{listen}")).unwrap().with_token(token))
 }
 

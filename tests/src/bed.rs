@@ -295,7 +295,7 @@ fn image_dirs(dir: &TempDir) -> Vec<PathBuf> {
 
 /// The admin token the coordinator wrote at first start.
 pub fn admin_token(config: &Config) -> String {
-    let path = config.data_dir.join("admin-token");
+    let path = config.data_dir.join(kiln_coordinator::app::access::ADMIN_TOKEN_FILE);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).trim().to_owned()
 }
 

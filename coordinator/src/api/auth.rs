@@ -123,15 +123,19 @@ impl HostAllowlist {
 
     /// True when `authority` (`host[:port]`) names this coordinator.
     pub fn allows(&self, authority: &str) -> bool {
-        let host = match authority.strip_prefix('[') {
-            Some(rest) => rest.split(']').next().unwrap_or_default(),
-            None => authority
-                .rsplit_once(':')
-                .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-                .map_or(authority, |(h, _)| h),
-        };
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let host = host_of(authority).trim_end_matches('.').to_ascii_lowercase();
         self.0.contains(&host)
+    }
+}
+
+/// The host of an authority `host[:port]`, without an IPv6 address's brackets.
+pub fn host_of(authority: &str) -> &str {
+    match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(authority, |(h, _)| h),
     }
 }
 

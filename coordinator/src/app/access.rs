@@ -121,7 +121,7 @@ impl App {
     /// At first start (no token stored yet): makes an admin token and writes
     /// it to `<data>/admin-token`, mode 0600.
     pub(crate) fn ensure_admin_token(&self) -> Result<(), AppError> {
-        if !self.0.store.api_tokens()?.is_empty() {
+        if self.0.store.has_api_tokens() {
             return Ok(());
         }
         let created = self.create_token(TokenRequest { name: "admin".into(), role: Role::Admin })?;
@@ -131,18 +131,21 @@ impl App {
         Ok(())
     }
 
+    /// The caller whose token hashes to `hash`: an in-process token or a stored one.
+    fn principal_of(&self, hash: &str) -> Result<Option<Principal>, AppError> {
+        if let Some(p) = self.0.access.ephemeral.lock().expect("access lock").get(hash) {
+            return Ok(Some(p.clone()));
+        }
+        Ok(self.0.store.api_token(hash)?.map(|t| Principal { name: t.name, role: t.role, csrf: None }))
+    }
+
     /// The caller behind a bearer token.
     pub fn authenticate(&self, secret: &str) -> Result<Principal, AppError> {
-        let hash = hash(secret.trim());
-        if let Some(p) = self.0.access.ephemeral.lock().expect("access lock").get(&hash) {
-            return Ok(p.clone());
-        }
-        match self.0.store.api_token(&hash)? {
-            Some(t) => Ok(Principal { name: t.name, role: t.role, csrf: None }),
-            None => Err(AppError::Unauthorized(
+        self.principal_of(&hash(secret.trim()))?.ok_or_else(|| {
+            AppError::Unauthorized(
                 "the API token is not valid (revoked, mistyped, or from another coordinator); ask an admin for one (`kiln token create`)".into(),
-            )),
-        }
+            )
+        })
     }
 
     /// Exchanges a token for a page session: the cookie's value and who it is.
@@ -179,16 +182,9 @@ impl App {
                 }
             }
         };
-        let principal = self.0.access.ephemeral.lock().expect("access lock").get(&token_hash).cloned();
-        let principal = match principal {
-            Some(p) => p,
-            None => match self.0.store.api_token(&token_hash)? {
-                Some(t) => Principal { name: t.name, role: t.role, csrf: None },
-                None => {
-                    self.logout(cookie);
-                    return Err(missing_credentials());
-                }
-            },
+        let Some(principal) = self.principal_of(&token_hash)? else {
+            self.logout(cookie);
+            return Err(missing_credentials());
         };
         Ok(Principal { csrf: Some(csrf), ..principal })
     }

@@ -24,21 +24,18 @@ pub struct ApiFailure {
 
 impl Client {
     pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .context("cannot build an HTTP client")?;
-        Ok(Self { base: base.trim_end_matches('/').to_owned(), http, token: None })
+        Self::build(base, reqwest::Client::builder())
     }
 
     /// A client that trusts kiln's CA (PEM) for an `https://` coordinator.
     pub fn with_ca(base: &str, ca_pem: &[u8]) -> anyhow::Result<Self> {
         let ca = reqwest::Certificate::from_pem(ca_pem).context("the CA certificate is not PEM")?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .add_root_certificate(ca)
-            .build()
-            .context("cannot build an HTTP client")?;
+        Self::build(base, reqwest::Client::builder().add_root_certificate(ca))
+    }
+
+    fn build(base: &str, http: reqwest::ClientBuilder) -> anyhow::Result<Self> {
+        let http =
+            http.connect_timeout(std::time::Duration::from_secs(10)).build().context("cannot build an HTTP client")?;
         Ok(Self { base: base.trim_end_matches('/').to_owned(), http, token: None })
     }
 

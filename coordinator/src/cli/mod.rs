@@ -221,7 +221,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         (command, server) => {
             let server = server.as_deref().unwrap_or(DEFAULT_SERVER);
-            let mut client = match token::find_ca(cli.ca_cert).filter(|_| server.starts_with("https://")) {
+            let ca = if server.starts_with("https://") { token::find_ca(cli.ca_cert) } else { None };
+            let mut client = match ca {
                 Some(ca) => {
                     let pem = std::fs::read(&ca).with_context(|| format!("cannot read the CA {}", ca.display()))?;
                     Client::with_ca(server, &pem)?

@@ -96,12 +96,8 @@ pub fn find_ca(given: Option<PathBuf>) -> Option<PathBuf> {
 
 fn is_local(server: &str) -> bool {
     let rest = server.split_once("://").map_or(server, |(_, r)| r);
-    let host = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
-    };
-    matches!(host, "localhost" | "127.0.0.1" | "::1")
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    matches!(crate::api::auth::host_of(authority), "localhost" | "127.0.0.1" | "::1")
 }
 
 #[cfg(test)]

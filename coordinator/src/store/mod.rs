@@ -402,6 +402,11 @@ impl Store {
         self.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()
     }
 
+    /// Whether any API token exists.
+    pub fn has_api_tokens(&self) -> bool {
+        !self.api_tokens.is_empty()
+    }
+
     /// Every API token, oldest first.
     pub fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
         let mut all =
