@@ -75,7 +75,8 @@ async fn all_get_answers(bed: &Bed, build: &Build) -> Vec<(String, Vec<u8>)> {
     }
     let mut out = Vec::new();
     for path in paths {
-        let resp = bed.client.send(bed.client.request(reqwest::Method::GET, &path)).await.expect(&path);
+        let resp = bed.client.request(reqwest::Method::GET, &path).send().await.expect(&path);
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
         out.push((path, resp.bytes().await.unwrap().to_vec()));
     }
     out
@@ -98,6 +99,10 @@ async fn secret_env_reaches_the_script_and_nothing_else() {
     // Everything before the held-back half is visible; then the script may go on.
     let early = bed.follow_until(target, |log| contains(log, "first half follows\n")).await;
     assert!(!contains(&early, &TOKEN[..12]), "a possible start of the secret is held back: {early:?}");
+    let running: Build = bed.client.get(&format!("/v1/builds/{}", build.id)).await.unwrap();
+    let instance = running.targets[0].instance.as_deref().expect("an instance");
+    let user_data = bed.provider.user_data(instance).expect("the instance's user-data");
+    assert!(!user_data.contains(TOKEN), "user-data never carries a secret");
     std::fs::write(&go, "").unwrap();
     let live = bed.follow(target).await;
     let build = bed.wait(&build).await;
@@ -110,9 +115,6 @@ async fn secret_env_reaches_the_script_and_nothing_else() {
     assert_eq!(live, stored, "the live follow is the stored log");
     assert_eq!(build.targets[0].log_bytes, stored.len() as u64);
 
-    let instance = build.targets[0].instance.as_deref().expect("an instance");
-    let user_data = bed.provider.user_data(instance).expect("the instance's user-data");
-    assert!(!user_data.contains(TOKEN), "user-data never carries a secret");
     for (path, body) in all_get_answers(&bed, &build).await {
         assert!(!contains(&body, TOKEN), "GET {path} shows the secret");
         assert!(!contains(&body, &TOKEN[..12]) || path == "/v1/openapi.json", "GET {path} shows half the secret");
@@ -151,11 +153,7 @@ async fn revisions_keep_or_replace_their_secrets() {
     ] {
         let mut body = serde_json::to_value(&spec).unwrap();
         body["secret_env"] = secrets;
-        let resp = bed
-            .client
-            .send(bed.client.request(reqwest::Method::PUT, "/v1/generators/keeper").json(&body))
-            .await
-            .unwrap();
+        let resp = bed.client.request(reqwest::Method::PUT, "/v1/generators/keeper").json(&body).send().await.unwrap();
         assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
         let err: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
         assert!(err.message.contains(says), "{}", err.message);
