@@ -183,7 +183,8 @@ pub fn masked_append(cursor: &MaskCursor, offset: u64, bytes: &[u8], masker: &Ma
         }
     }
     let new = &bytes[overlap..];
-    if new.is_empty() && !(end && !cursor.ended) {
+    // Nothing new, and no end to write the held-back bytes out for.
+    if new.is_empty() && (!end || cursor.ended) {
         return MaskedAppend::Committed(raw);
     }
     let mut data = cursor.pending.clone();
