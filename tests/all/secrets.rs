@@ -258,3 +258,37 @@ async fn data_dir_is_private_and_a_wider_mode_is_refused() {
     let again: Build = bed.client.get(&format!("/v1/builds/{}", build.id)).await.unwrap();
     assert_eq!(again.status, Status::Successful);
 }
+
+// In a real VM (the tiny image under QEMU), the agent in the guest ships the
+// secret's halves in two chunks (the script pauses between them, longer than
+// the agent's flush interval); the stored log and the live follow show `***`,
+// and the script did get the value.
+#[tokio::test]
+async fn a_real_vm_prints_its_secret_masked() {
+    let bed = Bed::with(kiln_tests::bed::Options::qemu()).await;
+    let cloud = serde_json::json!({"name": "local", "kind": "qemu", "options": {}});
+    let _: serde_json::Value = bed.client.post("/v1/clouds", &cloud).await.expect("add cloud");
+    let script = r#"echo "whole: $API_TOKEN."
+printf 'first half follows\n%s' "$(printf %s "$API_TOKEN" | cut -c1-12)"
+sleep 2
+printf '%s|\n' "$(printf %s "$API_TOKEN" | cut -c13-)"
+echo "length=$(printf %s "$API_TOKEN" | wc -c | tr -d ' ')"
+"#;
+    let mut spec = Bed::spec("vmsecret", script, &["local"]);
+    for t in spec.targets.values_mut() {
+        t.base_image = kiln_tests::tiny_image().display().to_string();
+    }
+    spec.secret_env = Some(BTreeMap::from([("API_TOKEN".to_owned(), Secret(TOKEN.into()))]));
+    bed.create_generator(&spec).await;
+    let build = bed.start_build("vmsecret").await;
+    let live = bed.follow(build.targets[0].id).await;
+    let build = bed.wait(&build).await;
+    assert_eq!(build.status, Status::Successful, "{build:#?}");
+    let stored = bed.log(build.targets[0].id).await;
+    let want = format!("whole: ***.\nfirst half follows\n***|\nlength={}\n", TOKEN.len());
+    assert_eq!(String::from_utf8_lossy(&stored), want, "the stored log is masked, and the script got the secret");
+    assert_eq!(live, stored);
+    for (path, body) in all_get_answers(&bed, &build).await {
+        assert!(!contains(&body, TOKEN), "GET {path} shows the secret");
+    }
+}
