@@ -11,6 +11,7 @@
 //! - [`cli`]: the `kiln` command line, a client of the HTTP API.
 //! - [`server`]: `kiln serve`, the app plus its listeners.
 //! - [`egress`]: the filtering HTTP proxy that is local VMs' only way out.
+//! - [`secrets`]: the sealing key, log masking, the data directory's modes.
 //! - [`config`]: settings and their defaults.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod egress;
 pub mod pki;
 pub mod providers;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod workflow;

@@ -4,6 +4,9 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    // First of all: nothing this process creates (data directory, sockets,
+    // relay slots, images) is readable by other users.
+    kiln_coordinator::secrets::modes::restrict_umask();
     let cli = kiln_coordinator::cli::Cli::parse();
     // The relay runs once per guest connection: no runtime, no logging, at once.
     if let kiln_coordinator::cli::Command::GuestRelay { socket, target, slots } = &cli.command {

@@ -51,8 +51,9 @@ impl std::fmt::Debug for CloudCredentials {
     }
 }
 
-/// A password given with one build for a cloud that asks every time. It
-/// lives in the coordinator's memory for that build only.
+/// A secret value, kept out of `Debug` output: a password given with one
+/// build for a cloud that asks every time (in the coordinator's memory for
+/// that build only), or a value of a generator's `secret_env`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(transparent)]
 pub struct Secret(pub String);
@@ -99,6 +100,14 @@ pub struct GeneratorSpec {
     /// Environment variables given to the script.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Secret environment variables given to the script, write-only: stored
+    /// sealed, given only to the agent's job over mutual TLS, masked as `***`
+    /// in the log, and never returned (a revision lists only their names in
+    /// `secret_env_names`). Absent: the new revision keeps the previous
+    /// revision's secrets; given (even `{}`): it has exactly these. Values
+    /// have at least 4 bytes and no NUL; names are not also in `env`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<BTreeMap<String, Secret>>,
     /// Whether the seal generalizes the image so each instance booted from it
     /// is a fresh machine: cloud-init's state and logs, the machine-id, SSH
     /// host keys, apt lists and the hostname go (default `true`). The seal
@@ -135,7 +144,11 @@ pub struct Revision {
     pub created_at: Timestamp,
     /// Hex sha256 of the script's bytes.
     pub script_sha256: String,
+    /// The spec as saved, without `secret_env` (never returned).
     pub spec: GeneratorSpec,
+    /// The names of the revision's secret environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret_env_names: Vec<String>,
 }
 
 /// One line of the generator list.

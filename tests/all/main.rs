@@ -16,6 +16,7 @@ mod openstack;
 mod openstack_bed;
 mod qemu;
 mod resilience;
+mod secrets;
 mod stock_image;
 mod user_data;
 mod vm_boundary;

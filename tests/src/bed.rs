@@ -128,6 +128,21 @@ impl Bed {
         self.server = Some(server);
     }
 
+    /// Stops the coordinator and starts it again on the same data directory,
+    /// returning the start's error (with its causes) instead of panicking.
+    pub async fn try_restart(&mut self) -> Result<(), String> {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        let listeners = Listeners::bind(self.addrs.api, self.addrs.agent, self.addrs.bootstrap).await.expect("rebind");
+        let config = config(&self.dir, &self.opts);
+        let providers = providers(&self.provider, &config, &self.opts);
+        let server =
+            Server::start(config, providers, listeners).await.map_err(|e| kiln_coordinator::error_chain(&e))?;
+        self.server = Some(server);
+        Ok(())
+    }
+
     /// Adds a cloud named `name` served by the process provider.
     pub async fn add_cloud(&self, name: &str) {
         let cloud = Cloud {
@@ -149,6 +164,7 @@ impl Bed {
             script: script.into(),
             timeout_secs: None,
             env: BTreeMap::new(),
+            secret_env: None,
             generalize: None,
             targets: clouds
                 .iter()

@@ -42,7 +42,11 @@ impl From<AppError> for ApiError {
                 return err;
             }
             AppError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
-            AppError::Store(_) | AppError::Io(_) | AppError::Pki(_) => {
+            AppError::Store(_)
+            | AppError::Io(_)
+            | AppError::Pki(_)
+            | AppError::DataDirModes(_)
+            | AppError::SecretKey(_) => {
                 tracing::error!(error = ?crate::error_chain(&e), "internal error");
                 (S::INTERNAL_SERVER_ERROR, C::Internal)
             }

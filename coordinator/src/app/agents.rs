@@ -4,16 +4,17 @@
 use std::time::Duration;
 
 use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Instruction, Job, LogAck, SealReport};
-use kiln_protocol::api::FailureReason;
+use kiln_protocol::api::{CloudCredentials, FailureReason};
 use kiln_protocol::{TargetId, Timestamp};
 
 use sha2::{Digest, Sha256};
 
 use super::{App, AppError};
 use crate::pki::TokenHash;
+use crate::secrets::Masker;
 use crate::store::TokenRefusal;
-use crate::store::logs::Append;
-use crate::store::records::{CertRecord, TargetRecord};
+use crate::store::logs::{Append, MaskedAppend, masked_append};
+use crate::store::records::{CertRecord, MaskCursor, TargetRecord};
 
 /// Who is calling, from the verified client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +130,11 @@ impl App {
             self.notify();
         }
         let mut env = rev.spec.env.clone();
+        // Secrets reach the script only here, over mutual TLS, as plain
+        // environment variables (never in user-data, never in a view).
+        for (name, value) in self.0.store.secret_env(&t.generator, t.revision)? {
+            env.insert(name, value.0);
+        }
         env.insert("KILN_BUILD".into(), t.build.to_string());
         env.insert("KILN_CLOUD".into(), t.cloud.name.to_string());
         let network = self.0.providers.get(t.cloud.kind).and_then(|p| p.script_network(&t.cloud));
@@ -161,12 +167,74 @@ impl App {
                 "the exit was reported with {total} bytes of output; no output past it is taken"
             )));
         }
-        match self.0.logs.append(target, offset, bytes).await? {
-            Append::Committed(committed) => {
+        let masker = self.masker(&t)?;
+        if masker.is_empty() && !self.0.store.has_mask_cursor(target)? {
+            return match self.0.logs.append(target, offset, bytes).await? {
+                Append::Committed(committed) => {
+                    self.notify();
+                    Ok(LogAck { committed })
+                }
+                Append::Mismatch { committed } => Err(AppError::LogMismatch { committed }),
+            };
+        }
+        let committed = self.append_masked(target, offset, &bytes, &masker, false).await?;
+        Ok(LogAck { committed })
+    }
+
+    /// The secret values masked in a target's log: its revision's secret env
+    /// and its cloud's stored credentials.
+    fn masker(&self, t: &TargetRecord) -> Result<Masker, AppError> {
+        let mut values: Vec<String> =
+            self.0.store.secret_env(&t.generator, t.revision)?.into_values().map(|s| s.0).collect();
+        match self.0.store.credentials(t.cloud_name())? {
+            Some(CloudCredentials::AccessKey { secret_access_key, .. }) => values.push(secret_access_key),
+            Some(CloudCredentials::Password { password }) => values.push(password),
+            None => {}
+        }
+        Ok(Masker::new(values))
+    }
+
+    /// Appends to a masked log: one writer at a time, the masked bytes made
+    /// durable first, then the cursor, then the answer. A crash in between
+    /// leaves bytes past the stored cursor, cut off at the next append (the
+    /// agent resends what was not acknowledged, masked the same again).
+    /// With `end` the held-back bytes are written out: no output follows.
+    async fn append_masked(
+        &self,
+        target: TargetId,
+        offset: u64,
+        bytes: &[u8],
+        masker: &Masker,
+        end: bool,
+    ) -> Result<u64, AppError> {
+        let _writer = self.0.logs.writer(target).await;
+        let mut cursor = self.0.store.mask_cursor(target)?;
+        if cursor == MaskCursor::default() {
+            // Masking began after plain bytes were committed (credentials
+            // added mid-build): those stay as they are.
+            let len = self.0.logs.len(target).await?;
+            cursor.raw = len;
+            cursor.stored = len;
+        }
+        match masked_append(&cursor, offset, bytes, masker, end) {
+            MaskedAppend::Committed(committed) => Ok(committed),
+            MaskedAppend::Mismatch { committed } => Err(AppError::LogMismatch { committed }),
+            MaskedAppend::Write { bytes, cursor: next } => {
+                self.0.logs.write_masked(target, cursor.stored, bytes).await?;
+                self.0.store.put_mask_cursor(target, &next)?;
+                self.0.store.flush().await?;
                 self.notify();
-                Ok(LogAck { committed })
+                Ok(next.raw)
             }
-            Append::Mismatch { committed } => Err(AppError::LogMismatch { committed }),
+        }
+    }
+
+    /// Raw bytes committed: the agent's offset.
+    async fn committed(&self, target: TargetId) -> Result<u64, AppError> {
+        if self.0.store.has_mask_cursor(target)? {
+            Ok(self.0.store.mask_cursor(target)?.raw)
+        } else {
+            Ok(self.0.logs.len(target).await?)
         }
     }
 
@@ -178,9 +246,14 @@ impl App {
         report: ExitReport,
     ) -> Result<LogAck, AppError> {
         let t = self.authorize(peer, target)?;
-        let committed = self.0.logs.len(target).await?;
+        let committed = self.committed(target).await?;
         if committed < report.total_bytes {
             return Err(AppError::LogMismatch { committed });
+        }
+        if committed == report.total_bytes && self.0.store.has_mask_cursor(target)? {
+            // Every byte is in: what was held back as a possible secret's start is not one.
+            let masker = self.masker(&t)?;
+            self.append_masked(target, committed, &[], &masker, true).await?;
         }
         if committed > report.total_bytes {
             let message =

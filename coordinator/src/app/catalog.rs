@@ -4,6 +4,7 @@ use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, GeneratorSummar
 use kiln_protocol::{BuildId, CloudName, GeneratorName, Timestamp};
 
 use super::{App, AppError, script_sha256};
+use crate::secrets::mask::MIN_SECRET_LEN;
 
 impl App {
     pub async fn add_cloud(&self, cloud: Cloud) -> Result<Cloud, AppError> {
@@ -165,13 +166,30 @@ impl App {
                 return Err(AppError::BadRequest(format!("timeout_secs is {t}; give a value from 1 to {max}")));
             }
         }
-        for key in spec.env.keys() {
+        let secret_names = spec.secret_env.iter().flat_map(|s| s.keys());
+        for key in spec.env.keys().chain(secret_names) {
             let valid = key.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(AppError::BadRequest(format!(
                     "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
                 )));
+            }
+        }
+        for (name, value) in spec.secret_env.iter().flatten() {
+            if spec.env.contains_key(name) {
+                return Err(AppError::BadRequest(format!(
+                    "{name:?} is in both env and secret_env: keep it in one of them"
+                )));
+            }
+            if value.0.len() < MIN_SECRET_LEN {
+                return Err(AppError::BadRequest(format!(
+                    "secret_env {name:?} has {} bytes; a secret needs at least {MIN_SECRET_LEN} (shorter values cannot be masked in logs without mangling them)",
+                    value.0.len()
+                )));
+            }
+            if value.0.contains('\0') {
+                return Err(AppError::BadRequest(format!("secret_env {name:?} contains a NUL byte")));
             }
         }
         for (cloud, target) in &spec.targets {

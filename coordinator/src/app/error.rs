@@ -26,6 +26,12 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("internal error")]
     Pki(#[from] crate::pki::PkiError),
+    /// The data directory is open to other users (at start only).
+    #[error(transparent)]
+    DataDirModes(#[from] crate::secrets::modes::ModeError),
+    /// The sealing key cannot be read or made (at start only).
+    #[error(transparent)]
+    SecretKey(#[from] crate::secrets::SealError),
 }
 
 impl AppError {

@@ -31,6 +31,7 @@ pub use error::AppError;
 use crate::config::Config;
 use crate::pki::Pki;
 use crate::providers::{Providers, Served};
+use crate::secrets::SecretKey;
 use crate::store::Store;
 use crate::store::logs::LogFiles;
 
@@ -79,8 +80,12 @@ impl App {
     /// target. `served` says where instances reach the listeners.
     pub fn open(config: Config, providers: Providers, served: Served) -> Result<Self, AppError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir)?;
-        let store = Store::open(&dir.join("db"))?;
+        // Before anything is created: nothing kiln makes is readable by others.
+        crate::secrets::modes::restrict_umask();
+        crate::secrets::modes::create_private_dir(dir)?;
+        crate::secrets::modes::check(dir)?;
+        let key = SecretKey::load_or_create(dir)?;
+        let store = Store::open(&dir.join("db"), key)?;
         let logs = LogFiles::open(&dir.join("logs"))?;
         let pki = Pki::load_or_create(&dir.join("pki"), &config.certificate_names())?;
         let agent_binary = load_agent_binary(&config.agent_binary);

@@ -147,6 +147,9 @@ fn revision_table(r: &Revision) -> Table {
         ("created", r.created_at.to_string()),
         ("script sha256", r.script_sha256.clone()),
     ];
+    if !r.secret_env_names.is_empty() {
+        p.push(("secret env", r.secret_env_names.join(", ")));
+    }
     for (cloud, t) in &r.spec.targets {
         p.push(("target", format!("{cloud}: {}", t.base_image)));
     }
@@ -389,6 +392,8 @@ fn with_base_images(mut spec: GeneratorSpec, overrides: &[String]) -> anyhow::Re
 }
 
 /// The revision to build: the latest when it equals `spec`, else a new one.
+/// A spec with `secret_env` always makes a new revision: the saved values are
+/// never returned, so whether they changed cannot be told.
 async fn save_if_changed(client: &Client, spec: GeneratorSpec) -> anyhow::Result<u32> {
     let latest: anyhow::Result<Revision> = client.get(&format!("/v1/generators/{}", spec.name)).await;
     let saved: Revision = match latest {

@@ -7,15 +7,20 @@
 //! timeout_secs = 900
 //! [env]
 //! DEBIAN_FRONTEND = "noninteractive"
+//! [secrets]                    # write-only: never shown, masked in logs
+//! APT_AUTH = "machine deb.example.com login u password p4ssw0rd"
 //! [targets.local]
 //! base_image = "/var/lib/kiln/images/debian.qcow2"
 //! ```
+//!
+//! A file with a `[secrets]` table gives the new revision exactly those
+//! secrets; a file without one keeps the previous revision's.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use kiln_protocol::api::{GeneratorSpec, TargetSpec};
+use kiln_protocol::api::{GeneratorSpec, Secret, TargetSpec};
 use kiln_protocol::{CloudName, GeneratorName};
 use serde::Deserialize;
 
@@ -31,6 +36,9 @@ pub struct GeneratorFile {
     pub timeout_secs: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Secret environment variables (the API's `secret_env`).
+    #[serde(default)]
+    pub secrets: Option<BTreeMap<String, Secret>>,
     /// Generalize the sealed image (default on).
     #[serde(default)]
     pub generalize: Option<bool>,
@@ -53,6 +61,7 @@ impl GeneratorFile {
             script,
             timeout_secs: file.timeout_secs,
             env: file.env,
+            secret_env: file.secrets,
             generalize: file.generalize,
             targets: file.targets,
         })

@@ -6,14 +6,25 @@
 //! acknowledged only after `fdatasync`, so what was acknowledged survives a
 //! crash, and bytes written but not acknowledged are simply confirmed again
 //! when the agent resends them.
+//!
+//! A target whose script has secrets gets a masked log: the file holds the
+//! output with every secret value replaced by `***`, so its length is no
+//! longer the agent's offset. A [`MaskCursor`] (sealed in the store) then
+//! says how many raw bytes were taken and holds the last few back while they
+//! may begin a secret; [`masked_append`] is the pure step from one cursor to
+//! the next, and the cursor is stored before the chunk is acknowledged.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use kiln_protocol::TargetId;
+
+use super::records::MaskCursor;
+use crate::secrets::Masker;
 
 /// The result of offering a chunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +54,41 @@ impl LogFiles {
 
     fn lock(&self, target: TargetId) -> Arc<tokio::sync::Mutex<()>> {
         self.locks.lock().expect("lock map poisoned").entry(target).or_default().clone()
+    }
+
+    /// The one writer of `target`'s log, for a masked append (load the
+    /// cursor, write, store the cursor) that must not interleave with another.
+    pub async fn writer(&self, target: TargetId) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock(target).lock_owned().await
+    }
+
+    /// Writes masked bytes after the first `stored` bytes of the file, first
+    /// cutting off anything past `stored` (written before a crash, never
+    /// acknowledged, and about to be written again the same). Hold
+    /// [`LogFiles::writer`].
+    pub async fn write_masked(&self, target: TargetId, stored: u64, bytes: Vec<u8>) -> io::Result<()> {
+        let path = self.path(target);
+        tokio::task::spawn_blocking(move || {
+            let mut file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path)?;
+            let len = file.metadata()?.len();
+            if len < stored {
+                return Err(io::Error::other(format!(
+                    "{} has {len} bytes but {stored} were committed",
+                    path.display()
+                )));
+            }
+            if len > stored {
+                file.set_len(stored)?;
+            }
+            if !bytes.is_empty() || len > stored {
+                file.seek(SeekFrom::Start(stored))?;
+                file.write_all(&bytes)?;
+                file.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     /// Appends `bytes` that start at `offset`, idempotently: bytes that are
@@ -83,7 +129,7 @@ impl LogFiles {
 }
 
 fn append_blocking(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<Append> {
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
     let len = file.metadata()?.len();
     if offset > len {
         return Ok(Append::Mismatch { committed: len });
@@ -107,10 +153,98 @@ fn append_blocking(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<Append>
     Ok(Append::Committed(len + rest.len() as u64))
 }
 
+/// What to do with a chunk of a masked log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum MaskedAppend {
+    /// Nothing new: these raw bytes are committed.
+    Committed(u64),
+    /// Append `bytes` to the file, then store `cursor`, then acknowledge.
+    Write { bytes: Vec<u8>, cursor: MaskCursor },
+    /// The chunk starts past the end or disagrees with held-back bytes.
+    Mismatch { committed: u64 },
+}
+
+/// The step of a masked log from `cursor` for the raw `bytes` at `offset`
+/// (in the agent's raw offsets). As for plain logs, a resent chunk is taken
+/// once; its overlap with committed bytes is checked against the held-back
+/// bytes, the only raw bytes kept (the rest exist only masked). With `end`
+/// the stream is complete: the held-back bytes are written out too.
+pub fn masked_append(cursor: &MaskCursor, offset: u64, bytes: &[u8], masker: &Masker, end: bool) -> MaskedAppend {
+    let raw = cursor.raw;
+    if offset > raw {
+        return MaskedAppend::Mismatch { committed: raw };
+    }
+    let held_from = raw - cursor.pending.len() as u64;
+    let overlap = usize::try_from(raw - offset).unwrap_or(usize::MAX).min(bytes.len());
+    for (i, b) in bytes[..overlap].iter().enumerate() {
+        let at = offset + i as u64;
+        if at >= held_from && cursor.pending[(at - held_from) as usize] != *b {
+            return MaskedAppend::Mismatch { committed: raw };
+        }
+    }
+    let new = &bytes[overlap..];
+    // Nothing new, and no end to write the held-back bytes out for.
+    if new.is_empty() && (!end || cursor.ended) {
+        return MaskedAppend::Committed(raw);
+    }
+    let mut data = cursor.pending.clone();
+    data.extend_from_slice(new);
+    let (out, covered) = masker.mask(&data, end);
+    let next = MaskCursor {
+        raw: raw + new.len() as u64,
+        stored: cursor.stored + out.len() as u64,
+        pending: data[covered..].to_vec(),
+        ended: end,
+    };
+    MaskedAppend::Write { bytes: out, cursor: next }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    // One case a line: (offset, bytes) offered in order → what the file
+    // holds after it and the answer, for the secret "s3cr3t".
+    #[test]
+    fn masked_appends_are_idempotent_across_chunks() {
+        let masker = Masker::new(["s3cr3t"]);
+        let cases: &[(u64, &str, &str, Option<u64>)] = &[
+            (0, "pw=s3c", "pw=", Some(6)),
+            (0, "pw=s3c", "pw=", Some(6)),        // resent: nothing doubled
+            (3, "s3x", "pw=", None),              // disagrees with the held-back bytes
+            (9, "gap", "pw=", None),              // past the end
+            (4, "3cr3t\n", "pw=***\n", Some(10)), // the rest of the secret, overlapping
+            (10, "", "pw=***\n", Some(10)),
+            (10, "bye s3", "pw=***\nbye ", Some(16)),
+        ];
+        let mut cursor = MaskCursor::default();
+        let mut file = Vec::new();
+        for (offset, data, want_file, want) in cases {
+            match masked_append(&cursor, *offset, data.as_bytes(), &masker, false) {
+                MaskedAppend::Committed(n) => assert_eq!(Some(n), *want, "offset {offset} data {data:?}"),
+                MaskedAppend::Mismatch { committed } => {
+                    assert_eq!(*want, None, "offset {offset} data {data:?}");
+                    assert_eq!(committed, cursor.raw);
+                }
+                MaskedAppend::Write { bytes, cursor: next } => {
+                    assert_eq!(Some(next.raw), *want, "offset {offset} data {data:?}");
+                    file.extend_from_slice(&bytes);
+                    assert_eq!(next.stored, file.len() as u64);
+                    cursor = next;
+                }
+            }
+            assert_eq!(String::from_utf8_lossy(&file), *want_file, "offset {offset} data {data:?}");
+        }
+        // The exit: the held-back "s3" was no secret after all, and is written out.
+        let MaskedAppend::Write { bytes, cursor } = masked_append(&cursor, 16, b"", &masker, true) else {
+            panic!("the end writes the held-back bytes")
+        };
+        file.extend_from_slice(&bytes);
+        assert_eq!(String::from_utf8_lossy(&file), "pw=***\nbye s3");
+        assert!(cursor.pending.is_empty() && cursor.ended);
+        assert_eq!(masked_append(&cursor, 16, b"", &masker, true), MaskedAppend::Committed(16));
+    }
 
     // One case per line: (offset, bytes) offered in order → expected answer.
     #[tokio::test]

@@ -3,21 +3,28 @@
 //! Every write that something outside will rely on is followed by
 //! [`Store::flush`] before the acknowledgement leaves the process. Log bytes
 //! are not here: they live in append-only files ([`logs`]).
+//!
+//! Secrets (cloud credentials, revisions' secret env, log bytes held back
+//! while they may begin a secret) are sealed with the data directory's
+//! [`SecretKey`], bound to their tree and key; no other tree holds any.
 
 pub mod logs;
 pub mod records;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use kiln_protocol::access::ApiToken;
-use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, Image, Revision};
+use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, Image, Revision, Secret};
 use kiln_protocol::{BuildId, CloudName, GeneratorName, TargetId, Timestamp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::{Transactional, Tree};
 
-use records::{BuildRecord, CertRecord, GeneratorRecord, TargetRecord, TokenRecord};
+use records::{BuildRecord, CertRecord, GeneratorRecord, MaskCursor, TargetRecord, TokenRecord};
+
+use crate::secrets::{SealError, SecretKey, key::is_sealed};
 
 /// The layout version this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -41,6 +48,12 @@ pub enum StoreError {
     NotFound(String),
     #[error("{0} already exists")]
     AlreadyExists(String),
+    #[error("a sealed record in tree {tree} cannot be opened")]
+    Sealed {
+        tree: &'static str,
+        #[source]
+        source: SealError,
+    },
 }
 
 /// Why a token did not enroll.
@@ -63,10 +76,15 @@ pub struct Store {
     tokens: Tree,
     certs: Tree,
     images: Tree,
-    /// Cloud access keys, apart from the clouds so no view can carry them.
+    /// Cloud access keys, apart from the clouds so no view can carry them; sealed.
     secrets: Tree,
     /// API tokens by the hex SHA-256 of their secret.
     api_tokens: Tree,
+    /// Each revision's secret env, under the revision's key; sealed.
+    secret_env: Tree,
+    /// Per target whose log is masked: how far it is committed; sealed.
+    log_masks: Tree,
+    key: SecretKey,
 }
 
 impl std::fmt::Debug for Store {
@@ -108,9 +126,18 @@ fn abort<T>(e: StoreError) -> Result<T, ConflictableTransactionError<StoreError>
     Err(ConflictableTransactionError::Abort(e))
 }
 
+/// The associated data of a sealed record: its tree and key.
+fn context(tree: &str, key: &[u8]) -> Vec<u8> {
+    let mut c = tree.as_bytes().to_vec();
+    c.push(0);
+    c.extend_from_slice(key);
+    c
+}
+
 impl Store {
-    /// Opens (or creates) the database under `dir`.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (or creates) the database under `dir`; `key` seals its secrets.
+    /// Plaintext credentials an older kiln stored are sealed on the way.
+    pub fn open(dir: &Path, key: SecretKey) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(|e| match e {
             sled::Error::Io(ref io)
                 if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
@@ -131,7 +158,7 @@ impl Store {
                 }
             }
         }
-        Ok(Self {
+        let store = Self {
             clouds: db.open_tree("clouds")?,
             generators: db.open_tree("generators")?,
             revisions: db.open_tree("revisions")?,
@@ -142,8 +169,48 @@ impl Store {
             images: db.open_tree("images")?,
             secrets: db.open_tree("secrets")?,
             api_tokens: db.open_tree("api_tokens")?,
+            secret_env: db.open_tree("secret_env")?,
+            log_masks: db.open_tree("log_masks")?,
+            key,
             db,
-        })
+        };
+        store.seal_plaintext_credentials()?;
+        Ok(store)
+    }
+
+    fn seal_value<T: Serialize>(&self, tree: &'static str, key: &[u8], value: &T) -> Vec<u8> {
+        self.key.seal(&context(tree, key), &encode(value))
+    }
+
+    fn open_value<T: DeserializeOwned>(&self, tree: &'static str, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
+        let plain = self.key.open(&context(tree, key), sealed).map_err(|source| StoreError::Sealed { tree, source })?;
+        decode(tree, &plain)
+    }
+
+    /// Seals the credentials a kiln before sealing stored in plaintext. (sled
+    /// may keep the old bytes in a log segment until it reuses it: rotate
+    /// credentials that were stored in the clear.)
+    fn seal_plaintext_credentials(&self) -> Result<(), StoreError> {
+        let mut sealed = 0;
+        for entry in self.secrets.iter() {
+            let (name, value) = entry?;
+            if is_sealed(&value) {
+                continue;
+            }
+            let credentials: CloudCredentials = decode("secrets", &value)?;
+            let new = self.seal_value("secrets", &name, &credentials);
+            if self.secrets.compare_and_swap(&name, Some(&value), Some(new))?.is_ok() {
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            self.db.flush()?;
+            tracing::warn!(
+                clouds = sealed,
+                "sealed cloud credentials stored in plaintext by an older kiln; rotate them if copies of the old database exist"
+            );
+        }
+        Ok(())
     }
 
     /// Makes every write so far durable. Call before acknowledging anything.
@@ -177,27 +244,33 @@ impl Store {
     }
 
     pub fn put_credentials(&self, name: &CloudName, credentials: &CloudCredentials) -> Result<(), StoreError> {
-        self.secrets.insert(name.as_str(), encode(credentials))?;
+        let key = name.as_str().as_bytes();
+        self.secrets.insert(key, self.seal_value("secrets", key, credentials))?;
         Ok(())
     }
 
     pub fn credentials(&self, name: &CloudName) -> Result<Option<CloudCredentials>, StoreError> {
-        self.secrets.get(name.as_str())?.map(|v| decode("secrets", &v)).transpose()
+        let key = name.as_str().as_bytes();
+        self.secrets.get(key)?.map(|v| self.open_value("secrets", key, &v)).transpose()
     }
 
     // ---- generators and revisions
 
     /// Saves `spec` as a new revision. `create` asks for the first revision of a
     /// new generator (refused if it exists); otherwise the generator must exist.
+    /// The spec's `secret_env` is stored sealed apart from the revision; when
+    /// it is `None` the new revision keeps the previous revision's secrets.
     pub fn save_revision(
         &self,
-        spec: GeneratorSpec,
+        mut spec: GeneratorSpec,
         script_sha256: String,
         now: Timestamp,
         create: bool,
     ) -> Result<Revision, StoreError> {
         let name = spec.name.clone();
-        let result = (&self.generators, &self.revisions).transaction(|(generators, revisions)| {
+        let given = spec.secret_env.take();
+        let trees = (&self.generators, &self.revisions, &self.secret_env);
+        let result = trees.transaction(|(generators, revisions, secret_env)| {
             let head: Option<GeneratorRecord> =
                 generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose().or_else(abort)?;
             let head = match (head, create) {
@@ -208,15 +281,31 @@ impl Store {
                 (None, true) => GeneratorRecord { name: name.clone(), latest: 1, created_at: now, updated_at: now },
                 (Some(h), false) => GeneratorRecord { latest: h.latest + 1, updated_at: now, ..h },
             };
+            let secrets: BTreeMap<String, Secret> = match &given {
+                Some(s) => s.clone(),
+                None if head.latest > 1 => {
+                    let previous = revision_key(&name, head.latest - 1);
+                    match secret_env.get(&previous)? {
+                        Some(v) => self.open_value("secret_env", &previous, &v).or_else(abort)?,
+                        None => BTreeMap::new(),
+                    }
+                }
+                None => BTreeMap::new(),
+            };
             let revision = Revision {
                 generator: name.clone(),
                 number: head.latest,
                 created_at: now,
                 script_sha256: script_sha256.clone(),
                 spec: spec.clone(),
+                secret_env_names: secrets.keys().cloned().collect(),
             };
+            let key = revision_key(&name, head.latest);
             generators.insert(name.as_str(), encode(&head))?;
-            revisions.insert(revision_key(&name, head.latest), encode(&revision))?;
+            revisions.insert(key.clone(), encode(&revision))?;
+            if !secrets.is_empty() {
+                secret_env.insert(key.clone(), self.seal_value("secret_env", &key, &secrets))?;
+            }
             Ok(revision)
         });
         tx(result)
@@ -232,6 +321,12 @@ impl Store {
 
     pub fn revision(&self, name: &GeneratorName, number: u32) -> Result<Option<Revision>, StoreError> {
         self.revisions.get(revision_key(name, number))?.map(|v| decode("revisions", &v)).transpose()
+    }
+
+    /// A revision's secret env (empty when it has none).
+    pub fn secret_env(&self, name: &GeneratorName, number: u32) -> Result<BTreeMap<String, Secret>, StoreError> {
+        let key = revision_key(name, number);
+        Ok(self.secret_env.get(&key)?.map(|v| self.open_value("secret_env", &key, &v)).transpose()?.unwrap_or_default())
     }
 
     /// All revisions of a generator, oldest first.
@@ -388,6 +483,25 @@ impl Store {
         self.certs.get(serial.as_bytes())?.map(|v| decode("certs", &v)).transpose()
     }
 
+    // ---- masked logs
+
+    /// How far a masked log is committed (all zero before its first chunk).
+    pub fn mask_cursor(&self, target: TargetId) -> Result<MaskCursor, StoreError> {
+        let key = target.as_bytes();
+        Ok(self.log_masks.get(key)?.map(|v| self.open_value("log_masks", key, &v)).transpose()?.unwrap_or_default())
+    }
+
+    /// Whether a target's log is masked (it has taken a masked chunk).
+    pub fn has_mask_cursor(&self, target: TargetId) -> Result<bool, StoreError> {
+        Ok(self.log_masks.contains_key(target.as_bytes())?)
+    }
+
+    pub fn put_mask_cursor(&self, target: TargetId, cursor: &MaskCursor) -> Result<(), StoreError> {
+        let key = target.as_bytes();
+        self.log_masks.insert(key, self.seal_value("log_masks", key, cursor))?;
+        Ok(())
+    }
+
     // ---- images
 
     /// Records an image under its (unique) name.
@@ -460,6 +574,7 @@ mod tests {
             script: "echo hi".into(),
             timeout_secs: None,
             env: BTreeMap::new(),
+            secret_env: None,
             generalize: None,
             targets: BTreeMap::new(),
         }
@@ -469,7 +584,7 @@ mod tests {
     #[test]
     fn revisions_accumulate() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open(dir.path(), SecretKey::ephemeral()).unwrap();
         let now = Timestamp::now();
         let r1 = store.save_revision(spec("g"), "a".into(), now, true).unwrap();
         let r2 = store.save_revision(spec("g"), "b".into(), now, false).unwrap();
@@ -478,6 +593,43 @@ mod tests {
         assert!(matches!(store.save_revision(spec("h"), "c".into(), now, false), Err(StoreError::NotFound(_))));
         let all = store.revisions(&"g".parse().unwrap()).unwrap();
         assert_eq!(all.iter().map(|r| r.script_sha256.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    // Credentials an older kiln stored in plaintext are sealed at open and still read back.
+    #[test]
+    fn plaintext_credentials_are_sealed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = CloudCredentials::Password { password: "old-plaintext-pw".into() };
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes()).unwrap();
+            db.open_tree("secrets").unwrap().insert("os", encode(&creds)).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), SecretKey::ephemeral()).unwrap();
+        let raw = store.secrets.get("os").unwrap().unwrap();
+        assert!(is_sealed(&raw) && !raw.windows(16).any(|w| w == b"old-plaintext-pw"));
+        assert_eq!(store.credentials(&"os".parse().unwrap()).unwrap(), Some(creds));
+    }
+
+    // A revision saved without secret_env keeps the previous one's; given, it replaces them.
+    #[test]
+    fn secret_env_is_inherited_or_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SecretKey::ephemeral()).unwrap();
+        let now = Timestamp::now();
+        let g: GeneratorName = "g".parse().unwrap();
+        let mut with = spec("g");
+        with.secret_env = Some(BTreeMap::from([("K".to_owned(), Secret("value-1".into()))]));
+        let r1 = store.save_revision(with, "a".into(), now, true).unwrap();
+        let r2 = store.save_revision(spec("g"), "a".into(), now, false).unwrap();
+        let r3 = store
+            .save_revision(GeneratorSpec { secret_env: Some(BTreeMap::new()), ..spec("g") }, "a".into(), now, false)
+            .unwrap();
+        assert_eq!((r1.secret_env_names.len(), r2.secret_env_names.len(), r3.secret_env_names.len()), (1, 1, 0));
+        assert_eq!(store.secret_env(&g, 2).unwrap()["K"], Secret("value-1".into()));
+        assert!(store.secret_env(&g, 3).unwrap().is_empty());
+        assert_eq!(store.revision(&g, 1).unwrap().unwrap().spec.secret_env, None);
     }
 
     // A data directory written by another schema version is refused.
@@ -489,7 +641,7 @@ mod tests {
             db.insert(SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
             db.flush().unwrap();
         }
-        let err = Store::open(dir.path()).unwrap_err();
+        let err = Store::open(dir.path(), SecretKey::ephemeral()).unwrap_err();
         assert!(matches!(err, StoreError::SchemaMismatch { found: 99, .. }), "{err}");
     }
 
@@ -497,8 +649,8 @@ mod tests {
     #[test]
     fn a_data_dir_in_use_is_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        let err = Store::open(dir.path()).unwrap_err();
+        let _first = Store::open(dir.path(), SecretKey::ephemeral()).unwrap();
+        let err = Store::open(dir.path(), SecretKey::ephemeral()).unwrap_err();
         assert!(err.to_string().contains("in use by another kiln process"), "{err}");
     }
 }

@@ -95,3 +95,19 @@ pub struct CertRecord {
     pub target: TargetId,
     pub not_after: Timestamp,
 }
+
+/// How far a target's masked log is committed. The agent's offsets count the
+/// script's raw output; the log file holds it masked, so the two differ.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskCursor {
+    /// Raw bytes taken from the agent: its committed offset.
+    pub raw: u64,
+    /// The log file's length: the masked form of `raw` minus `pending`.
+    pub stored: u64,
+    /// The last raw bytes, held back because they may begin a secret; only
+    /// ever stored sealed.
+    pub pending: Vec<u8>,
+    /// Set once the exit was reported and the held-back bytes were written.
+    #[serde(default)]
+    pub ended: bool,
+}

@@ -85,6 +85,12 @@ pub async fn start(spec: &VmSpec<'_>, cidata: OwnedFd) -> Result<(), ProviderErr
         .arg(&overlay))
     .await?;
     spec.base.save(&dir.join(BASE))?;
+    // A daemonized QEMU sets its own umask (027): the console log it would
+    // create is made here first, 0600, and QEMU only appends to it.
+    let console = dir.join(CONSOLE);
+    std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().append(true).create(true), 0o600)
+        .open(&console)
+        .map_err(|e| failed(format!("cannot create {}: {e}", console.display())))?;
 
     // Absolute paths throughout: a daemonized QEMU changes to `/`.
     let path = |name: &str| dir.join(name).display().to_string();
