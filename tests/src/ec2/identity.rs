@@ -33,12 +33,7 @@ impl std::fmt::Debug for IdentitySigner {
 impl IdentitySigner {
     /// A fresh RSA-2048 key, as AWS's `rsa2048` signer has.
     pub fn generate() -> Self {
-        Self::with_bits(2048)
-    }
-
-    /// A fresh key of `bits` bits (1024 plays the weaker `/signature` certificate).
-    pub fn with_bits(bits: usize) -> Self {
-        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits).expect("an RSA key");
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).expect("an RSA key");
         let pem = key.to_pkcs8_pem(LineEnding::LF).expect("PKCS#8");
         let pair = rcgen::KeyPair::from_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).expect("rcgen takes the key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();

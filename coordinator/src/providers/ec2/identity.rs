@@ -171,7 +171,7 @@ mod tests {
     fn certificates_other_than_rsa_2048_are_refused() {
         let ec = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap().cert.pem();
         let cases = [
-            ("hello", "not a PEM certificate"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "certificate"),
             (ec.as_str(), "not RSA"),
             ("/nonexistent/aws.pem", "cannot read the certificate file"),
         ];
