@@ -41,6 +41,12 @@ pub struct Args {
     /// How long the coordinator may hold each instruction long poll.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub instruction_wait_secs: u64,
+    /// Send this machine's cloud-signed identity at enrollment (the user-data says so where the cloud checks it).
+    #[arg(long, value_enum, value_name = "SOURCE")]
+    pub identity: Option<crate::identity::Source>,
+    /// The metadata service the identity is read from.
+    #[arg(long, value_name = "URL", default_value = "http://169.254.169.254")]
+    pub imds: Url,
 }
 
 fn parse_https_url(s: &str) -> anyhow::Result<Url> {

@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use kiln_protocol::TargetId;
-use kiln_protocol::agent::{EnrollRequest, EnrollResponse, paths};
+use kiln_protocol::agent::{EnrollRequest, EnrollResponse, InstanceIdentity, paths};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use reqwest::StatusCode;
 use tracing::info;
@@ -27,18 +27,23 @@ fn key_and_csr(target: TargetId) -> anyhow::Result<(KeyPair, String)> {
     Ok((key, csr.pem().context("encoding the CSR")?))
 }
 
-/// Generates a key and enrolls it for the API's target.
-pub async fn enroll(api: &Api, token: String) -> anyhow::Result<Credentials> {
+/// Generates a key and enrolls it for the API's target, with the machine's
+/// signed identity where the cloud checks it.
+pub async fn enroll(api: &Api, token: String, identity: Option<InstanceIdentity>) -> anyhow::Result<Credentials> {
     let target = api.target;
     let (key, csr_pem) = key_and_csr(target)?;
-    let request = EnrollRequest { target, token, csr_pem };
+    let request = EnrollRequest { target, token, csr_pem, identity };
 
     let url = api.url(paths::ENROLL);
     let issued = retry(api.retry, "enrolling", || async {
         let response = send(api.http().post(url.clone()).json(&request)).await?;
         match response.status() {
             status if status.is_success() => Ok(response.json::<EnrollResponse>().await?),
-            StatusCode::UNAUTHORIZED => Err(Failure::Fatal(Stop::EnrollRefused.into())),
+            // 403: the token was good but the machine's identity was not.
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                let (_, message) = crate::client::error_body(response).await;
+                Err(Failure::Fatal(anyhow::Error::from(Stop::EnrollRefused).context(message)))
+            }
             _ => Err(unexpected(response).await),
         }
     })

@@ -11,6 +11,7 @@ mod client;
 mod coordinator;
 mod egress;
 mod enroll;
+mod identity;
 mod layout;
 mod run;
 mod script;

@@ -15,7 +15,7 @@ use crate::egress::Egress;
 use crate::layout::Layout;
 use crate::stop::Stop;
 use crate::stream::Shipper;
-use crate::{enroll, script, seal};
+use crate::{enroll, identity, script, seal};
 
 pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir).context("resolving --dir")?;
@@ -27,7 +27,11 @@ pub async fn run(args: Args, token: String) -> anyhow::Result<()> {
     };
 
     let anonymous = Api::anonymous(args.coordinator.clone(), args.target, &ca, policy)?;
-    let credentials = enroll::enroll(&anonymous, token).await?;
+    let identity = match args.identity {
+        Some(source) => identity::read(source, &args.imds).await,
+        None => None,
+    };
+    let credentials = enroll::enroll(&anonymous, token, identity).await?;
     let api =
         Api::authenticated(args.coordinator, args.target, &ca, &credentials.cert_pem, &credentials.key_pem, policy)?;
     drop(credentials);

@@ -4,7 +4,7 @@ use crate::cli::NEVER_POWEROFF_ENV;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Stop {
-    #[error("enrollment refused: token replayed, expired or wrong")]
+    #[error("enrollment refused: token replayed, expired or wrong, or this machine's identity not accepted")]
     EnrollRefused,
     #[error("the coordinator says this target has ended or is not ours")]
     TargetEnded,

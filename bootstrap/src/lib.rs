@@ -37,6 +37,8 @@ pub struct UserData<'a> {
     pub token: &'a str,
     /// How long the script keeps retrying the download before it gives up.
     pub fetch_timeout_secs: u64,
+    /// The agent sends EC2's signed instance identity document at enrollment.
+    pub ec2_identity: bool,
 }
 
 impl UserData<'_> {
@@ -74,6 +76,7 @@ impl UserData<'_> {
             "TOKEN" => Some(shell::quote(self.token)),
             "FETCH_TIMEOUT_SECS" => Some(shell::quote(&fetch_timeout)),
             "DEFAULT_AGENT_DIR" => Some(shell::quote(DEFAULT_AGENT_DIR)),
+            "IDENTITY" => Some(shell::quote(if self.ec2_identity { "ec2" } else { "" })),
             // Inside a quoted heredoc; `normalize_certificate` guarantees it
             // holds only PEM armor and base64 lines, so it cannot end it early.
             "CA_PEM" => Some(ca_pem.clone()),

@@ -18,6 +18,7 @@ fn fixed() -> UserData<'static> {
         target: "0191e5b4-7c3a-7d2e-9b1f-3a4c5d6e7f80".parse().unwrap(),
         token: "tok_3q2-example",
         fetch_timeout_secs: DEFAULT_FETCH_TIMEOUT_SECS,
+        ec2_identity: false,
     }
 }
 

@@ -12,6 +12,8 @@ target=@@TARGET@@
 token=@@TOKEN@@
 fetch_timeout_secs=@@FETCH_TIMEOUT_SECS@@
 default_dir=@@DEFAULT_AGENT_DIR@@
+# Empty, or where the agent gets this machine's signed identity (ec2).
+identity=@@IDENTITY@@
 # Test beds confine everything to a temporary directory with KILN_AGENT_DIR.
 dir=${KILN_AGENT_DIR:-$default_dir}
 part="$dir/kiln-agent.part"
@@ -123,4 +125,8 @@ log "starting $agent for target $target"
 # The token goes to the agent's environment only, never onto a command line.
 KILN_ENROLL_TOKEN=$token
 export KILN_ENROLL_TOKEN
-exec "$agent" --coordinator "$agent_url" --ca "$dir/ca.pem" --target "$target" --dir "$dir"
+set -- --coordinator "$agent_url" --ca "$dir/ca.pem" --target "$target" --dir "$dir"
+if [ -n "$identity" ]; then
+    set -- "$@" --identity "$identity"
+fi
+exec "$agent" "$@"

@@ -63,6 +63,25 @@ pub struct EnrollRequest {
     pub token: String,
     /// A PKCS#10 request for a key the agent generated and never sends.
     pub csr_pem: String,
+    /// What the cloud's metadata service says this machine is, signed by the
+    /// cloud; sent where the user-data asks for it (EC2 with
+    /// `identity_certificate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<InstanceIdentity>,
+}
+
+/// A cloud-signed statement of which instance the agent runs on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum InstanceIdentity {
+    /// EC2's instance identity document, as IMDS serves it.
+    Ec2 {
+        /// `/latest/dynamic/instance-identity/document`: the JSON document.
+        document: String,
+        /// `/latest/dynamic/instance-identity/rsa2048`: base64 PKCS#7
+        /// SignedData over the document (SHA-256, RSA-2048).
+        rsa2048: String,
+    },
 }
 
 /// The certificate the agent uses for every later request.

@@ -258,6 +258,10 @@ pub enum FailureReason {
     /// reported a finished seal, or free space could not be scrubbed: the
     /// disk may still hold secrets, so no image was made.
     SealIncomplete,
+    /// The cloud checks instance identity (EC2 `identity_certificate`) and the
+    /// enrolling agent's document was missing, not signed by the configured
+    /// certificate, or named another instance, region or account.
+    IdentityRefused,
 }
 
 /// The failure of one target: where, why, and what to do about it.

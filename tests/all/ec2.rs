@@ -37,6 +37,7 @@ impl Ec2Bed {
             work_dir: bed.dir.path().join("runner"),
             metadata,
             console_tail_lines: 40,
+            identity: None,
         })
         .await
         .expect("runner");

@@ -37,6 +37,7 @@ impl Ec2Bed {
             work_dir: dir.path().join("runner"),
             metadata,
             console_tail_lines: 20,
+            identity: None,
         })
         .await?;
         let proxy = FaultProxy::start(&moto.url).await?;

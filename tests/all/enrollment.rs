@@ -67,7 +67,7 @@ fn with_identity(bed: &Bed, cert_pem: &str, key: &KeyPair) -> reqwest::Client {
 }
 
 async fn enroll(bed: &Bed, target: TargetId, token: &str, csr: &str) -> reqwest::Response {
-    let req = EnrollRequest { target, token: token.into(), csr_pem: csr.into() };
+    let req = EnrollRequest { target, token: token.into(), csr_pem: csr.into(), identity: None };
     anonymous(bed).post(format!("{}{}", bed.agent_url(), paths::ENROLL)).json(&req).send().await.unwrap()
 }
 

@@ -9,6 +9,7 @@ mod cli;
 mod confinement;
 mod ec2;
 mod ec2_bed;
+mod ec2_identity;
 mod enrollment;
 mod lifecycle;
 mod openapi;

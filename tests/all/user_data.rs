@@ -78,6 +78,7 @@ impl Bed {
             target: TARGET.parse().unwrap(),
             token: TOKEN,
             fetch_timeout_secs,
+            ec2_identity: false,
         }
         .render()
         .unwrap();

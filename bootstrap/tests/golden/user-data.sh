@@ -12,6 +12,8 @@ target='0191e5b4-7c3a-7d2e-9b1f-3a4c5d6e7f80'
 token='tok_3q2-example'
 fetch_timeout_secs='600'
 default_dir='/var/lib/kiln-agent'
+# Empty, or where the agent gets this machine's signed identity (ec2).
+identity=''
 # Test beds confine everything to a temporary directory with KILN_AGENT_DIR.
 dir=${KILN_AGENT_DIR:-$default_dir}
 part="$dir/kiln-agent.part"
@@ -127,4 +129,8 @@ log "starting $agent for target $target"
 # The token goes to the agent's environment only, never onto a command line.
 KILN_ENROLL_TOKEN=$token
 export KILN_ENROLL_TOKEN
-exec "$agent" --coordinator "$agent_url" --ca "$dir/ca.pem" --target "$target" --dir "$dir"
+set -- --coordinator "$agent_url" --ca "$dir/ca.pem" --target "$target" --dir "$dir"
+if [ -n "$identity" ]; then
+    set -- "$@" --identity "$identity"
+fi
+exec "$agent" "$@"

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use kiln_protocol::agent::{EnrollRequest, EnrollResponse, ExitReport, Instruction, Job, LogAck, SealReport};
+use kiln_protocol::agent::{
+    EnrollRequest, EnrollResponse, ExitReport, InstanceIdentity, Instruction, Job, LogAck, SealReport,
+};
 use kiln_protocol::api::{CloudCredentials, FailureReason};
 use kiln_protocol::{TargetId, Timestamp};
 
@@ -11,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::{App, AppError};
 use crate::pki::TokenHash;
+use crate::providers::InstanceId;
 use crate::secrets::Masker;
 use crate::store::TokenRefusal;
 use crate::store::logs::{Append, MaskedAppend, masked_append};
@@ -55,6 +58,7 @@ impl App {
             }
         };
         self.0.store.flush().await?;
+        self.check_identity(&target, req.identity.as_ref()).await?;
         let not_after = now + self.script_timeout(&target) + CERT_SLACK;
         let issued = self.0.pki.issue(req.target, &req.csr_pem, not_after)?;
         self.0.store.record_cert(&issued.serial, &CertRecord { target: req.target, not_after })?;
@@ -62,6 +66,34 @@ impl App {
         tracing::info!(build = %target.build, target = %req.target, serial = %issued.serial, "agent enrolled");
         self.notify();
         Ok(EnrollResponse { certificate_pem: issued.pem, not_after })
+    }
+
+    /// On a cloud that checks instance identity, the one the agent sent must
+    /// be the target's instance. Checked once the token is known good, so no
+    /// one without it can fail a target; a refusal fails the target at once
+    /// (reason `identity_refused`) rather than leaving it to time out, since
+    /// the token is spent and no real agent can enroll after it.
+    async fn check_identity(&self, t: &TargetRecord, identity: Option<&InstanceIdentity>) -> Result<(), AppError> {
+        let Some(provider) = self.0.providers.get(t.cloud.kind) else { return Ok(()) };
+        let instance = t.instance.clone().map(InstanceId);
+        if instance.is_none() && provider.checks_identity(&t.cloud) {
+            // Launch records it as soon as the cloud answers: the agent retries a 503.
+            return Err(AppError::Unavailable(format!("target {}'s instance is not recorded yet; retry", t.id)));
+        }
+        match provider.check_identity(&t.cloud, instance.as_ref(), identity) {
+            Ok(None) => Ok(()),
+            Ok(Some(verified)) => {
+                tracing::info!(build = %t.build, target = %t.id, "instance identity verified: {verified}");
+                Ok(())
+            }
+            Err(refused) => {
+                tracing::warn!(build = %t.build, target = %t.id, "instance identity refused: {refused}");
+                self.0.store.update_target(t.id, |r| r.fail(FailureReason::IdentityRefused, refused.0.clone()))?;
+                self.0.store.flush().await?;
+                self.notify();
+                Err(AppError::Forbidden(format!("enrollment refused: {refused}")))
+            }
+        }
     }
 
     /// A request with this target's own spent token. With the enrolled key it
@@ -370,6 +402,7 @@ impl App {
             target: t.id,
             token,
             fetch_timeout_secs: kiln_bootstrap::DEFAULT_FETCH_TIMEOUT_SECS,
+            ec2_identity: self.0.providers.get(t.cloud.kind).is_some_and(|p| p.checks_identity(&t.cloud)),
         }
         .render()
         .map_err(|e| AppError::Unavailable(format!("cannot render user-data: {e}")))

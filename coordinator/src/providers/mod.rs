@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use kiln_protocol::agent::Instruction;
+use kiln_protocol::agent::{InstanceIdentity, Instruction};
 use kiln_protocol::api::{Cloud, CloudKind, Provenance, TargetSpec};
 use kiln_protocol::{BuildId, TargetId};
 
@@ -163,6 +163,12 @@ impl ProviderError {
     }
 }
 
+/// Why an enrolling agent's instance identity was refused: the message says
+/// what was wrong and what to check.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct IdentityRefused(pub String);
+
 /// One kind of cloud.
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
@@ -181,6 +187,23 @@ pub trait Provider: Send + Sync + 'static {
     /// at `cloud add` rather than a failed build later.
     fn check_cloud(&self, _cloud: &Cloud) -> Result<(), ProviderError> {
         Ok(())
+    }
+
+    /// Whether this cloud checks the instance identity an agent sends at
+    /// enrollment; if so the user-data asks the agent to send it.
+    fn checks_identity(&self, _cloud: &Cloud) -> bool {
+        false
+    }
+
+    /// Checks the cloud-signed identity an enrolling agent sent against the
+    /// instance launched for its target. `Ok(None)`: this cloud checks none.
+    fn check_identity(
+        &self,
+        _cloud: &Cloud,
+        _instance: Option<&InstanceId>,
+        _identity: Option<&InstanceIdentity>,
+    ) -> Result<Option<String>, IdentityRefused> {
+        Ok(None)
     }
 
     /// The egress proxy the script must use, on clouds whose VMs reach the

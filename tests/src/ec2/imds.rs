@@ -26,8 +26,16 @@ pub struct ImdsStats {
     pub requests: Vec<String>,
 }
 
+/// An instance identity document and its `rsa2048` signature.
+#[derive(Clone, Debug)]
+pub struct SignedIdentity {
+    pub document: String,
+    pub rsa2048: String,
+}
+
 struct State {
     instance_id: String,
+    identity: Option<SignedIdentity>,
     user_data: Vec<u8>,
     tokens: bool,
     issued: Mutex<HashMap<String, Instant>>,
@@ -43,11 +51,18 @@ pub struct Imds {
 
 impl Imds {
     /// `tokens`: IMDSv2 (EC2) when true, tokenless (Nimbus) when false.
-    pub async fn start(instance_id: &str, user_data: Vec<u8>, tokens: bool) -> std::io::Result<Self> {
+    /// `identity`: served at `/latest/dynamic/instance-identity/`; `None`, a 404 there.
+    pub async fn start(
+        instance_id: &str,
+        user_data: Vec<u8>,
+        tokens: bool,
+        identity: Option<SignedIdentity>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             instance_id: instance_id.to_owned(),
+            identity,
             user_data,
             tokens,
             issued: Mutex::new(HashMap::new()),
@@ -114,6 +129,12 @@ fn answer(s: &State, req: &Request) -> Response {
                     Response::new(200, "application/octet-stream", s.user_data.clone())
                 }
                 "/latest/meta-data/instance-id" => Response::text(200, s.instance_id.clone()),
+                "/latest/dynamic/instance-identity/document" if s.identity.is_some() => {
+                    Response::text(200, s.identity.as_ref().unwrap().document.clone())
+                }
+                "/latest/dynamic/instance-identity/rsa2048" if s.identity.is_some() => {
+                    Response::text(200, s.identity.as_ref().unwrap().rsa2048.clone())
+                }
                 _ => Response::text(404, "Not Found\n"),
             }
         }

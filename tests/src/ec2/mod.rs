@@ -4,6 +4,8 @@
 //! - [`Runner`]: watches moto and boots every `running` instance as a QEMU VM
 //!   whose metadata service (IMDSv2, or Nimbus's) serves that instance's
 //!   user-data; keeps moto's instance state in step with the VM.
+//! - [`IdentitySigner`]: plays AWS's signer of the instance identity
+//!   documents the metadata service serves.
 //! - [`FaultProxy`]: an HTTP proxy in front of moto that counts API calls,
 //!   injects throttling, errors and pending states, and can answer
 //!   GetConsoleOutput with the VMs' real consoles.
@@ -16,12 +18,14 @@
 
 mod faults;
 pub(crate) mod http;
+mod identity;
 mod imds;
 mod moto;
 mod runner;
 pub(crate) mod vm;
 
 pub use faults::{Fault, FaultProxy};
+pub use identity::IdentitySigner;
 pub use imds::ImdsStats;
 pub use moto::Moto;
 pub use runner::{Consoles, Metadata, Runner, RunnerConfig};

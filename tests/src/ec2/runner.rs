@@ -21,7 +21,7 @@ use nix::unistd::Pid;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::imds::{Imds, ImdsStats};
+use super::imds::{Imds, ImdsStats, SignedIdentity};
 use super::vm::{self, BaseDisk};
 
 /// How often moto is asked for its instances.
@@ -50,6 +50,9 @@ pub struct RunnerConfig {
     pub metadata: Metadata,
     /// When a VM ends, this many of its last console lines go to the log.
     pub console_tail_lines: usize,
+    /// Signs each instance's identity document for IMDS to serve; without
+    /// it IMDS has none (404).
+    pub identity: Option<Arc<super::IdentitySigner>>,
 }
 
 /// Looks up an instance's serial console text.
@@ -267,7 +270,7 @@ async fn describe(client: &Client) -> anyhow::Result<Vec<(String, String, String
 
 async fn vm_task(shared: Arc<Shared>, id: String, region: String, ami: String, cancel: CancellationToken) {
     let client = shared.clients[&region].clone();
-    let end = vm_life(&shared, &id, &client, &ami, &cancel).await;
+    let end = vm_life(&shared, &id, &region, &client, &ami, &cancel).await;
     {
         let mut state = shared.state.lock().unwrap();
         state.live.remove(&id);
@@ -299,12 +302,13 @@ async fn vm_task(shared: Arc<Shared>, id: String, region: String, ami: String, c
 async fn vm_life(
     shared: &Shared,
     id: &str,
+    region: &str,
     client: &Client,
     ami: &str,
     cancel: &CancellationToken,
 ) -> anyhow::Result<End> {
     let prepared = tokio::select! {
-        r = prepare(shared, id, client, ami) => r?,
+        r = prepare(shared, id, region, client, ami) => r?,
         () = cancel.cancelled() => return Ok(End::Killed),
     };
     let (disk, dir, imds, ports) = prepared;
@@ -336,6 +340,7 @@ async fn vm_life(
 async fn prepare(
     shared: &Shared,
     id: &str,
+    region: &str,
     client: &Client,
     ami: &str,
 ) -> anyhow::Result<(BaseDisk, PathBuf, Arc<Imds>, Vec<u16>)> {
@@ -346,7 +351,11 @@ async fn prepare(
     std::fs::create_dir_all(&dir)?;
     let nimbus = shared.config.metadata == Metadata::Nimbus;
     let disk = vm::prepare_disk(&base, &dir, nimbus).await?;
-    let imds = Arc::new(Imds::start(id, user_data, !nimbus).await?);
+    let identity = shared.config.identity.as_ref().map(|signer| {
+        let document = super::IdentitySigner::document(id, region, super::identity::ACCOUNT);
+        SignedIdentity { rsa2048: signer.sign(&document), document }
+    });
+    let imds = Arc::new(Imds::start(id, user_data, !nimbus, identity).await?);
     Ok((disk, dir, imds, ports))
 }
 

@@ -10,8 +10,11 @@
 
 mod client;
 mod errors;
+pub mod identity;
 mod settings;
 
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,17 +25,22 @@ use aws_sdk_ec2::types::{
     InstanceMetadataOptionsRequest, InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification,
 };
 use base64::Engine;
+use kiln_protocol::agent::InstanceIdentity;
 use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
 use tokio::time::Instant;
 
 use self::client::Clients;
-use self::settings::Settings;
-use super::{ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
+use self::settings::{IdentityCheck, Settings};
+use super::{
+    IdentityRefused, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+};
 
 /// Runs targets on EC2-compatible clouds.
 #[derive(Debug, Default)]
 pub struct Ec2Provider {
     clients: Clients,
+    /// Clouds already logged as enrolling agents without an identity check.
+    unchecked: Mutex<HashSet<String>>,
 }
 
 impl Ec2Provider {
@@ -97,6 +105,69 @@ impl Provider for Ec2Provider {
 
     fn poll_interval(&self, cloud: &Cloud) -> Option<Duration> {
         Settings::of(cloud).ok().map(|s| s.poll)
+    }
+
+    fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
+        // The identity options; with them, the settings they depend on.
+        IdentityCheck::of(cloud)?;
+        Ok(())
+    }
+
+    fn checks_identity(&self, cloud: &Cloud) -> bool {
+        cloud.options.contains_key("identity_certificate")
+    }
+
+    fn check_identity(
+        &self,
+        cloud: &Cloud,
+        instance: Option<&InstanceId>,
+        identity: Option<&InstanceIdentity>,
+    ) -> Result<Option<String>, IdentityRefused> {
+        let refused = |why: String| IdentityRefused(why);
+        let Some(check) = IdentityCheck::of(cloud).map_err(|e| refused(format!("cloud {}: {e}", cloud.name)))? else {
+            if self.unchecked.lock().unwrap().insert(cloud.name.to_string()) {
+                tracing::warn!(
+                    cloud = %cloud.name,
+                    "agents on this cloud enroll without an instance identity check: give the cloud the \
+                     identity_certificate option (AWS's RSA-2048 certificate of its region) to require one"
+                );
+            }
+            return Ok(None);
+        };
+        let Some(instance) = instance else {
+            return Err(refused("no instance is recorded for the target, so no identity can match it".into()));
+        };
+        let Some(InstanceIdentity::Ec2 { document, rsa2048 }) = identity else {
+            return Err(refused(
+                "the agent sent no instance identity document, and this cloud requires one (identity_certificate): \
+                 its IMDS did not serve one (see the instance's console), or someone other than the instance \
+                 enrolled with the target's token"
+                    .into(),
+            ));
+        };
+        let doc = check.signer.verify(document, rsa2048).map_err(|e| {
+            refused(format!(
+                "the instance identity document failed its check: {e}; either identity_certificate is not AWS's \
+                 RSA-2048 certificate of region {}, or the document is forged",
+                check.region
+            ))
+        })?;
+        let mismatch = |what: &str, got: &str, want: &str| {
+            refused(format!(
+                "the signed instance identity document names {what} {got:?}, not the target's {want:?}: someone \
+                 other than the instance enrolled with the target's token (its user-data has leaked)"
+            ))
+        };
+        if doc.instance_id != instance.0 {
+            return Err(mismatch("instance", &doc.instance_id, &instance.0));
+        }
+        if doc.region != check.region {
+            return Err(mismatch("region", &doc.region, &check.region));
+        }
+        if let Some(account) = check.account.as_deref().filter(|a| *a != doc.account_id) {
+            return Err(mismatch("account", &doc.account_id, account));
+        }
+        Ok(Some(format!("instance {} in {} (account {})", doc.instance_id, doc.region, doc.account_id)))
     }
 
     async fn launch(&self, launch: &Launch<'_>) -> Result<InstanceId, ProviderError> {

@@ -7,8 +7,15 @@ use kiln_protocol::api::{Cloud, TargetSpec};
 use crate::providers::{ProviderError, ProviderErrorKind};
 
 /// Cloud options an `ec2` cloud understands.
-const CLOUD_OPTIONS: &[&str] =
-    &["instance_type", "poll_secs", "image_timeout_secs", "copy_to_regions", "coordinator_host"];
+const CLOUD_OPTIONS: &[&str] = &[
+    "instance_type",
+    "poll_secs",
+    "image_timeout_secs",
+    "copy_to_regions",
+    "coordinator_host",
+    "identity_certificate",
+    "identity_account",
+];
 /// Launch options an `ec2` target understands.
 const TARGET_OPTIONS: &[&str] = &["security_groups", "instance_profile"];
 
@@ -55,6 +62,36 @@ impl Settings {
                 .map(|v| v.split(',').map(str::trim).filter(|r| !r.is_empty()).map(String::from).collect())
                 .unwrap_or_default(),
         })
+    }
+}
+
+/// What an enrolling agent's instance identity document must show, from the
+/// `identity_certificate` (AWS's RSA-2048 certificate of the region: PEM, or
+/// the path of a PEM file) and `identity_account` options.
+#[derive(Debug, Clone)]
+pub struct IdentityCheck {
+    pub signer: super::identity::Signer,
+    pub region: String,
+    /// The 12-digit AWS account the instance must belong to, if given.
+    pub account: Option<String>,
+}
+
+impl IdentityCheck {
+    /// `None` if the cloud has no `identity_certificate`.
+    pub fn of(cloud: &Cloud) -> Result<Option<Self>, ProviderError> {
+        let Some(cert) = cloud.options.get("identity_certificate") else {
+            if cloud.options.contains_key("identity_account") {
+                return Err(invalid("identity_account needs identity_certificate: the document is checked with it"));
+            }
+            return Ok(None);
+        };
+        let signer = super::identity::Signer::from_option(cert).map_err(invalid)?;
+        let account = cloud.options.get("identity_account").cloned();
+        if let Some(a) = account.as_ref().filter(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(invalid(format!("identity_account {a:?} is not a 12-digit AWS account id")));
+        }
+        let region = Settings::of(cloud)?.region;
+        Ok(Some(Self { signer, region, account }))
     }
 }
 
