@@ -73,7 +73,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         // The public listener serves the API and, at `/`, the web page that uses it.
-        let public = api::v1::router(app.clone()).merge(api::web::router());
+        let public = api::public(app.clone());
         tasks.spawn(plain(listeners.api, public, shutdown.clone()));
         tasks.spawn(plain(listeners.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
         tasks.spawn(plain(guest.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));

@@ -1,6 +1,7 @@
 //! Clouds and generators: what a build is made from.
 
 use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, GeneratorSummary, Revision};
+use kiln_protocol::quote::quote;
 use kiln_protocol::{BuildId, CloudName, GeneratorName, Timestamp};
 
 use super::{App, AppError, script_sha256};
@@ -170,9 +171,18 @@ impl App {
                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(AppError::BadRequest(format!(
-                    "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
+                    "environment variable name {} is invalid: use letters, digits and '_', not starting with a digit",
+                    quote(key)
                 )));
             }
+        }
+        // A NUL cannot cross execve, so it would fail the build late; other
+        // control characters (a newline in a multi-line value) are fine in env.
+        if let Some(key) = spec.env.iter().find(|(k, v)| k.contains('\0') || v.contains('\0')).map(|(k, _)| k) {
+            return Err(AppError::BadRequest(format!(
+                "environment variable {} has a NUL byte in its value: remove it",
+                quote(key)
+            )));
         }
         for (cloud, target) in &spec.targets {
             if target.base_image.trim().is_empty() {

@@ -76,6 +76,10 @@ fn describe_provenance(p: &Provenance) -> String {
 
 #[async_trait]
 impl Provider for Ec2Provider {
+    fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
+        settings::Settings::of(cloud).map(drop)
+    }
+
     async fn preflight(&self, cloud: &Cloud, spec: &TargetSpec) -> Result<(), ProviderError> {
         settings::Launch::of(spec)?;
         let (ec2, settings) = self.client(cloud).await?;
