@@ -76,8 +76,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         // The public listener serves the API and, at `/`, the web page that uses it.
-        let public = api::v1::router(app.clone())
-            .merge(api::web::router())
+        let public = api::public(app.clone())
             .layer(axum::middleware::from_fn_with_state(hosts, api::auth::host_guard));
         match api_tls {
             None => tasks.spawn(plain(listeners.api, public, shutdown.clone())),

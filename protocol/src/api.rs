@@ -77,7 +77,7 @@ pub struct Cloud {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
     /// Kind-specific settings; the provider rejects keys it does not know.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, deserialize_with = "crate::unique::map", skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
     /// An access key kiln keeps for this cloud (else the provider's standard
     /// credential chain is used). Accepted on create, never returned.
@@ -98,7 +98,7 @@ pub struct GeneratorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
     /// Environment variables given to the script.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, deserialize_with = "crate::unique::map", skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Secret environment variables given to the script, write-only: stored
     /// sealed, given only to the agent's job over mutual TLS, masked as `***`
@@ -115,6 +115,7 @@ pub struct GeneratorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generalize: Option<bool>,
     /// Per cloud: the base image and launch options.
+    #[serde(deserialize_with = "crate::unique::map")]
     pub targets: BTreeMap<CloudName, TargetSpec>,
 }
 
@@ -131,7 +132,7 @@ pub struct TargetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
     /// Provider-specific launch options.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, deserialize_with = "crate::unique::map", skip_serializing_if = "BTreeMap::is_empty")]
     pub options: BTreeMap<String, String>,
 }
 
@@ -168,13 +169,14 @@ pub struct BuildRequest {
     pub generator: GeneratorName,
     /// The revision to build; the latest when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = Int64, minimum = 1, maximum = 4294967295_i64)]
     pub revision: Option<u32>,
     /// The clouds to build on; all of the generator's clouds when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub clouds: Vec<CloudName>,
     /// Passwords of the clouds that ask for theirs at every build. Kept in
     /// memory for this build only: never stored, logged or shown.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, deserialize_with = "crate::unique::map", skip_serializing_if = "BTreeMap::is_empty")]
     pub passwords: BTreeMap<CloudName, Secret>,
 }
 
@@ -363,19 +365,28 @@ pub struct Build {
 pub struct BuildListQuery {
     /// Only builds of this generator.
     pub generator: Option<GeneratorName>,
-    /// At most this many builds, newest first (default 50).
-    pub limit: Option<usize>,
+    /// At most this many builds, newest first (default 50, from 1 to
+    /// [`MAX_BUILD_LIST`]; other values are refused).
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
 }
 
 /// A byte range of a target's log.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct LogRange {
-    /// First byte to return (default 0).
+    /// First byte to return (default 0); at most the bytes committed, else 416.
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     pub offset: Option<u64>,
-    /// At most this many bytes (default and maximum 8 MiB).
+    /// At most this many bytes (default and maximum 8 MiB, [`MAX_LOG_READ`]).
+    #[param(minimum = 1, maximum = 8388608)]
     pub limit: Option<u64>,
 }
+
+/// The most builds one list returns.
+pub const MAX_BUILD_LIST: u32 = 1000;
+/// The most log bytes one read returns.
+pub const MAX_LOG_READ: u64 = 8 * 1024 * 1024;
 
 /// One server-sent `log` event: bytes of the log from `offset`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -390,4 +401,11 @@ pub struct LogChunk {
 pub struct LogEnd {
     pub total: u64,
     pub status: Status,
+}
+
+/// The answer of `GET /v1/health`: the coordinator is up and serving.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
 }

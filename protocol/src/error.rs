@@ -19,6 +19,10 @@ pub enum ErrorCode {
     Conflict,
     Unavailable,
     Internal,
+    /// The route exists, but not for this method; the `Allow` header lists those it has.
+    MethodNotAllowed,
+    /// A byte range that starts past what the resource holds.
+    RangeNotSatisfiable,
 }
 
 /// What every error response carries: a code and a sentence saying what to fix.

@@ -77,7 +77,8 @@ impl TargetId {
 /// A name a user chose that is not a valid kiln name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid name {name:?}: use 1 to 63 characters from a-z, 0-9, '-', '_' and '.', starting with a letter or digit"
+    "invalid name {}: use 1 to 63 characters from a-z, 0-9, '-', '_' and '.', starting with a letter or digit",
+    crate::quote::quote(name)
 )]
 pub struct InvalidName {
     pub name: String,

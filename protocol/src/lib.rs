@@ -6,6 +6,8 @@
 //! - [`api`]: the public `/v1` HTTP API's requests and views.
 //! - [`agent`]: the messages between the agent in a VM and the coordinator.
 //! - [`error`]: the JSON error body every endpoint returns.
+//! - [`quote`]: input quoted in error messages, at most 200 characters of it.
+//! - [`unique`]: request maps that refuse a key given twice.
 //!
 //! This crate knows nothing of tokio, axum or sled: it is serde types only, so
 //! the agent, the CLI and the coordinator agree on one definition.
@@ -15,6 +17,8 @@ pub mod agent;
 pub mod api;
 pub mod error;
 pub mod ids;
+pub mod quote;
+pub mod unique;
 
 pub use ids::{BuildId, CloudName, GeneratorName, InvalidName, TargetId};
 

@@ -93,10 +93,100 @@ async fn bad_input_gets_clear_errors() {
         (Method::POST, "/v1/builds/0190a5d2-0000-7000-8000-000000000000/cancel", None, 404, "does not exist"),
         (Method::GET, "/v1/targets/0190a5d2-0000-7000-8000-000000000000/log", None, 404, "does not exist"),
         (Method::GET, "/v1/builds?limit=many", None, 400, "bad query"),
+        (Method::GET, "/v1/builds?limit=0", None, 400, "give a number from 1 to 1000"),
+        (Method::GET, "/v1/builds?limit=1001", None, 400, "give a number from 1 to 1000"),
+        (Method::GET, "/v1/nowhere", None, 404, "there is no route GET \"/v1/nowhere\""),
+        (Method::GET, "/v1/builds/", None, 404, "there is no route"),
+        (Method::PATCH, "/v1/builds", None, 405, "does not take PATCH"),
+        (
+            Method::POST,
+            "/v1/generators",
+            Some(json!(r#"{"name":"d","script":"echo","env":{"A":"1","A":"2"},"targets":{}}"#)),
+            400,
+            "the key \"A\" is given twice",
+        ),
+        (
+            Method::POST,
+            "/v1/generators",
+            Some(json!(
+                r#"{"name":"d","script":"echo","targets":{"local":{"base_image":"a"},"local":{"base_image":"b"}}}"#
+            )),
+            400,
+            "the key \"local\" is given twice",
+        ),
+        (
+            Method::POST,
+            "/v1/generators",
+            Some(json!({"name": "n", "script": "echo", "env": {"A": "x\u{0}y"}, "targets": {}})),
+            400,
+            "NUL byte",
+        ),
+        (
+            Method::POST,
+            "/v1/clouds",
+            Some(json!({"name": "b", "kind": "qemu", "options": {"bogus": "1"}})),
+            400,
+            "they know memory_mib",
+        ),
+        (
+            Method::POST,
+            "/v1/clouds",
+            Some(json!({"name": "b", "kind": "qemu", "endpoint": "not a url"})),
+            400,
+            "neither a region nor an endpoint",
+        ),
     ];
     for (method, path, body, status, needle) in cases {
         check(&bed, method, path, body, status, needle).await;
     }
+
+    // A wrong method keeps its Allow header on every listener, and the JSON body.
+    let resp = bed.client.request(Method::DELETE, "/v1/builds").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(resp.headers()["allow"], "GET,HEAD,POST");
+    assert!(resp.json::<ErrorBody>().await.unwrap().message.contains("does not take DELETE"));
+    let ca = reqwest::Certificate::from_pem(bed.app().pki().ca_pem().as_bytes()).unwrap();
+    let anonymous = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    for (method, path, status) in [
+        (Method::GET, "/nowhere".to_string(), StatusCode::NOT_FOUND),
+        (Method::DELETE, kiln_protocol::agent::paths::ENROLL.to_string(), StatusCode::METHOD_NOT_ALLOWED),
+    ] {
+        let resp = anonymous.request(method, format!("{}{path}", bed.agent_url())).send().await.unwrap();
+        assert_eq!(resp.status(), status, "agent listener {path}");
+        let err: ErrorBody = resp.json().await.unwrap();
+        assert!(!err.message.is_empty());
+    }
+
+    // A 1 MB name is quoted by its first 200 characters only.
+    let resp = bed
+        .client
+        .request(Method::POST, "/v1/generators")
+        .json(&generator(&"X".repeat(1 << 20), "echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let err: ErrorBody = resp.json().await.unwrap();
+    assert!(err.message.len() < 1000 && err.message.contains("bytes in all"), "{}", err.message);
+
+    // A log offset past the end is 416, not a failed seek.
+    let build = bed.start_build("good").await;
+    let target = build.targets[0].id;
+    for path in [
+        format!("/v1/targets/{target}/log?offset={}", u64::MAX),
+        format!("/v1/targets/{target}/log/follow?offset={}", u64::MAX),
+    ] {
+        let resp = bed.client.request(Method::GET, &path).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{path}");
+        let err: ErrorBody = resp.json().await.unwrap();
+        assert!(err.message.contains("past the end of the log"), "{}", err.message);
+    }
+    bed.wait(&build).await;
 
     // A body that is not JSON at all, and one far over any limit.
     let resp = bed.client.request(Method::POST, "/v1/generators").body("name=x").send().await.unwrap();
@@ -114,8 +204,6 @@ async fn bad_input_gets_clear_errors() {
     let err: ErrorBody = resp.json().await.unwrap();
     assert!(err.message.contains("too large"), "{}", err.message);
 
-    // Nothing the bad requests did left a build behind.
-    let builds: Vec<serde_json::Value> = bed.client.get("/v1/builds").await.unwrap();
-    assert!(builds.is_empty());
+    // Nothing the bad requests did left an instance behind.
     assert!(bed.provider.live_instances().is_empty());
 }

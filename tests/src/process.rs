@@ -94,6 +94,14 @@ fn kill_group(child: &tokio::process::Child) {
 
 #[async_trait]
 impl Provider for ProcessProvider {
+    /// The qemu kind's rules, which this provider stands in for, plus
+    /// `ask_password` (tests use it for a cloud that asks at every build).
+    fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
+        let mut qemu = cloud.clone();
+        qemu.options.remove("ask_password");
+        kiln_coordinator::providers::qemu::check_cloud(&qemu)
+    }
+
     async fn preflight(&self, _cloud: &Cloud, spec: &TargetSpec) -> Result<(), ProviderError> {
         if spec.base_image == MISSING_IMAGE {
             return Err(ProviderError::new(

@@ -26,7 +26,7 @@ pub struct Peer(pub Option<PeerIdentity>);
 const MAX_CHUNK: usize = 4 * 1024 * 1024;
 
 pub fn router(app: App) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route(paths::ENROLL, post(enroll))
         .route(paths::JOB, get(job))
         .route(paths::LOG, put(log))
@@ -34,8 +34,8 @@ pub fn router(app: App) -> Router {
         .route(paths::INSTRUCTION, get(instruction))
         .route(paths::SEALING, post(sealing))
         .route(paths::SEALED, post(sealed))
-        .layer(DefaultBodyLimit::max(MAX_CHUNK))
-        .with_state(app)
+        .layer(DefaultBodyLimit::max(MAX_CHUNK));
+    super::json_errors::contract(routes, "; agents call only the routes of kiln's agent protocol").with_state(app)
 }
 
 async fn enroll(

@@ -15,7 +15,8 @@ use super::ApiError;
 use crate::app::App;
 
 pub fn router(app: App) -> Router {
-    Router::new().route(paths::AGENT_BINARY, get(agent_binary)).with_state(app)
+    let routes = Router::new().route(paths::AGENT_BINARY, get(agent_binary));
+    super::json_errors::contract(routes, "; this listener serves only the agent binary").with_state(app)
 }
 
 async fn agent_binary(State(app): State<App>) -> Response {

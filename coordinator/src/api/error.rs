@@ -42,6 +42,7 @@ impl From<AppError> for ApiError {
                 return err;
             }
             AppError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
+            AppError::RangeNotSatisfiable(_) => (S::RANGE_NOT_SATISFIABLE, C::RangeNotSatisfiable),
             AppError::Store(_)
             | AppError::Io(_)
             | AppError::Pki(_)

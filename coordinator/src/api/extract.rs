@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use kiln_protocol::error::ErrorCode;
+use kiln_protocol::quote::clip;
 use serde::de::DeserializeOwned;
 
 use super::ApiError;
@@ -23,17 +24,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             }
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::bad_request(format!(
                 "the JSON does not fit: {}",
-                e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: ")
+                clip(e.body_text().trim_start_matches("Failed to deserialize the JSON body into the target type: "))
             ))),
             Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(ApiError::bad_request(format!("the body is not valid JSON: {}", e.body_text())))
+                Err(ApiError::bad_request(format!("the body is not valid JSON: {}", clip(&e.body_text()))))
             }
             Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
                 e.status(),
                 ErrorCode::PayloadTooLarge,
                 format!("the body is too large: {}", e.body_text()),
             )),
-            Err(other) => Err(ApiError::bad_request(other.body_text())),
+            Err(other) => Err(ApiError::bad_request(clip(&other.body_text()))),
         }
     }
 }
@@ -48,7 +49,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Self(p.0))
-            .map_err(|e: PathRejection| ApiError::bad_request(format!("bad path: {}", e.body_text())))
+            .map_err(|e: PathRejection| ApiError::bad_request(format!("bad path: {}", clip(&e.body_text()))))
     }
 }
 
@@ -62,6 +63,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Self(q.0))
-            .map_err(|e: QueryRejection| ApiError::bad_request(format!("bad query: {}", e.body_text())))
+            .map_err(|e: QueryRejection| ApiError::bad_request(format!("bad query: {}", clip(&e.body_text()))))
     }
 }

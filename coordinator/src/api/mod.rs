@@ -12,9 +12,15 @@ pub mod auth;
 pub mod bootstrap;
 mod error;
 mod extract;
+mod json_errors;
 pub mod tls;
 pub mod v1;
 pub mod web;
 
 pub use error::ApiError;
 pub use v1::openapi;
+
+/// The public listener's router: the `/v1` API and, at `/`, the page.
+pub fn public(app: crate::app::App) -> axum::Router {
+    json_errors::contract(v1::router(app).merge(web::router()), "; the API's routes are listed at /v1/openapi.json")
+}

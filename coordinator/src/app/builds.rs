@@ -11,8 +11,8 @@ use super::{App, AppError};
 use crate::pki::TokenHash;
 use crate::store::records::{BuildRecord, TargetRecord};
 
-/// Largest byte range one log read returns.
-pub const MAX_LOG_READ: u64 = 8 * 1024 * 1024;
+use kiln_protocol::api::MAX_BUILD_LIST;
+pub use kiln_protocol::api::MAX_LOG_READ;
 /// Largest chunk one follow event carries.
 const FOLLOW_CHUNK: u64 = 256 * 1024;
 
@@ -135,7 +135,11 @@ impl App {
     }
 
     pub async fn builds(&self, query: BuildListQuery) -> Result<Vec<Build>, AppError> {
-        let limit = query.limit.unwrap_or(50).clamp(1, 1000);
+        let limit = query.limit.unwrap_or(50);
+        if !(1..=MAX_BUILD_LIST).contains(&limit) {
+            return Err(AppError::BadRequest(format!("limit is {limit}; give a number from 1 to {MAX_BUILD_LIST}")));
+        }
+        let limit = limit as usize;
         let records = self.0.store.builds(limit, |b| query.generator.as_ref().is_none_or(|g| &b.generator == g))?;
         let mut out = Vec::with_capacity(records.len());
         for r in records {
@@ -186,17 +190,36 @@ impl App {
     /// Reads at most `limit` bytes of a target's log from `offset`.
     pub async fn read_log(&self, id: TargetId, offset: u64, limit: u64) -> Result<Vec<u8>, AppError> {
         self.target_record(id)?;
-        Ok(self.0.logs.read(id, offset, limit.min(MAX_LOG_READ)).await?)
+        if !(1..=MAX_LOG_READ).contains(&limit) {
+            return Err(AppError::BadRequest(format!(
+                "limit is {limit}; give a number of bytes from 1 to {MAX_LOG_READ}"
+            )));
+        }
+        self.check_log_offset(id, offset).await?;
+        Ok(self.0.logs.read(id, offset, limit).await?)
+    }
+
+    /// A log offset is at most the bytes committed: reading from the end
+    /// gives nothing, reading from past it is an error.
+    async fn check_log_offset(&self, id: TargetId, offset: u64) -> Result<(), AppError> {
+        let committed = self.0.logs.len(id).await?;
+        if offset > committed {
+            return Err(AppError::RangeNotSatisfiable(format!(
+                "offset {offset} is past the end of the log, which has {committed} bytes so far; give an offset from 0 to {committed}"
+            )));
+        }
+        Ok(())
     }
 
     /// Follows a target's log from `offset` until the target has ended and
     /// every committed byte was sent.
-    pub fn follow_log(
+    pub async fn follow_log(
         &self,
         id: TargetId,
         offset: u64,
     ) -> Result<impl Stream<Item = Result<FollowEvent, AppError>> + Send + use<>, AppError> {
         self.target_record(id)?;
+        self.check_log_offset(id, offset).await?;
         let app = self.clone();
         let rx = self.0.changes.subscribe();
         Ok(futures::stream::try_unfold((app, rx, offset, false), move |(app, mut rx, offset, done)| async move {

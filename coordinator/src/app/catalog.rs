@@ -1,6 +1,7 @@
 //! Clouds and generators: what a build is made from.
 
 use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, GeneratorSummary, Revision};
+use kiln_protocol::quote::quote;
 use kiln_protocol::{BuildId, CloudName, GeneratorName, Timestamp};
 
 use super::{App, AppError, script_sha256};
@@ -172,24 +173,32 @@ impl App {
                 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid {
                 return Err(AppError::BadRequest(format!(
-                    "environment variable name {key:?} is invalid: use letters, digits and '_', not starting with a digit"
+                    "environment variable name {} is invalid: use letters, digits and '_', not starting with a digit",
+                    quote(key)
                 )));
             }
         }
+        // A NUL cannot cross execve, so it would fail the build late; other
+        // control characters (a newline in a multi-line value) are fine in env.
+        if let Some(key) = spec.env.iter().find(|(k, v)| k.contains('\0') || v.contains('\0')).map(|(k, _)| k) {
+            return Err(AppError::BadRequest(format!(
+                "environment variable {} has a NUL byte in its value: remove it",
+                quote(key)
+            )));
+        }
         for (name, value) in spec.secret_env.iter().flatten() {
             if spec.env.contains_key(name) {
-                return Err(AppError::BadRequest(format!(
-                    "{name:?} is in both env and secret_env: keep it in one of them"
-                )));
+                return Err(AppError::BadRequest(format!("{} is in both env and secret_env: keep it in one of them", quote(name))));
             }
             if value.0.len() < MIN_SECRET_LEN {
                 return Err(AppError::BadRequest(format!(
-                    "secret_env {name:?} has {} bytes; a secret needs at least {MIN_SECRET_LEN} (shorter values cannot be masked in logs without mangling them)",
+                    "secret_env {} has {} bytes; a secret needs at least {MIN_SECRET_LEN} (shorter values cannot be masked in logs without mangling them)",
+                    quote(name),
                     value.0.len()
                 )));
             }
             if value.0.contains('\0') {
-                return Err(AppError::BadRequest(format!("secret_env {name:?} contains a NUL byte")));
+                return Err(AppError::BadRequest(format!("secret_env {} contains a NUL byte", quote(name))));
             }
         }
         for (cloud, target) in &spec.targets {

@@ -20,6 +20,8 @@ pub enum AppError {
     LogMismatch { committed: u64 },
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    RangeNotSatisfiable(String),
     #[error("internal error")]
     Store(#[source] StoreError),
     #[error("internal error")]

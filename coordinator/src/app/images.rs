@@ -1,6 +1,7 @@
 //! Images: what builds made, with their provenance.
 
 use kiln_protocol::api::Image;
+use kiln_protocol::quote::quote;
 
 use super::{App, AppError};
 use crate::providers::ImageId;
@@ -14,7 +15,7 @@ impl App {
         self.0
             .store
             .image(name)?
-            .ok_or_else(|| AppError::not_found(format!("image {name}"), "list them with `kiln image list`"))
+            .ok_or_else(|| AppError::not_found(format!("image {}", quote(name)), "list them with `kiln image list`"))
     }
 
     /// Deletes an image from its cloud, then forgets it.

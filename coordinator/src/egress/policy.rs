@@ -2,6 +2,7 @@
 //! `egress_allow` options parsed into a [`Policy`], and [`Policy::decide`],
 //! which judges one destination address. Pure: no I/O, no name resolution.
 
+use kiln_protocol::quote::quote;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -132,15 +133,18 @@ pub(crate) fn host_port(host: &str, port: u16) -> String {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("egress is {value:?}; it must be \"none\" or \"internet\"")]
+    #[error("egress is {}; it must be \"none\" or \"internet\"", quote(value))]
     BadMode { value: String },
-    #[error("egress_allow entry {entry:?} is neither a CIDR (10.0.0.0/8, fd00::/8) nor host:port (example.com:443)")]
+    #[error(
+        "egress_allow entry {} is neither a CIDR (10.0.0.0/8, fd00::/8) nor host:port (example.com:443)",
+        quote(entry)
+    )]
     BadEntry { entry: String },
-    #[error("egress_allow entry {entry:?} has a prefix length longer than its address's {max} bits")]
+    #[error("egress_allow entry {} has a prefix length longer than its address's {max} bits", quote(entry))]
     BadPrefix { entry: String, max: u8 },
-    #[error("egress_allow entry {entry:?} has port {port:?}; a port is a number from 1 to 65535")]
+    #[error("egress_allow entry {} has port {}; a port is a number from 1 to 65535", quote(entry), quote(port))]
     BadPort { entry: String, port: String },
-    #[error("egress_allow entry {entry:?} has an empty host")]
+    #[error("egress_allow entry {} has an empty host", quote(entry))]
     EmptyHost { entry: String },
 }
 

@@ -9,6 +9,7 @@ pub mod ec2;
 pub mod openstack;
 pub mod qemu;
 
+use kiln_protocol::quote::quote;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -284,6 +285,27 @@ impl Providers {
     }
 }
 
+/// Checks a cloud's API endpoint: an absolute http(s) URL with a host.
+pub fn check_endpoint(endpoint: &str) -> Result<(), ProviderError> {
+    let bad = |why: &str| {
+        ProviderError::new(
+            ProviderErrorKind::Invalid,
+            format!("the endpoint {} {why}; give an http(s) URL, e.g. https://api.example:8443", quote(endpoint)),
+        )
+    };
+    let url = reqwest::Url::parse(endpoint).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(bad("is not an http(s) URL"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad("carries credentials; give them as the cloud's credentials instead"));
+    }
+    Ok(())
+}
+
 /// A cloud option given in seconds (fractions allowed), or `default`.
 pub fn seconds_option(
     options: &std::collections::BTreeMap<String, String>,
@@ -294,7 +316,10 @@ pub fn seconds_option(
         None => Ok(Duration::from_secs_f64(default)),
         Some(v) => {
             v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s <= 86_400.0).map(Duration::from_secs_f64).ok_or_else(|| {
-                ProviderError::new(ProviderErrorKind::Invalid, format!("option {key} is {v:?}; give seconds, e.g. 10"))
+                ProviderError::new(
+                    ProviderErrorKind::Invalid,
+                    format!("option {key} is {}; give seconds, e.g. 10", quote(v)),
+                )
             })
         }
     }

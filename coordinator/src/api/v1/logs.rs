@@ -49,7 +49,7 @@ pub async fn follow(
     ApiPath(id): ApiPath<TargetId>,
     ApiQuery(range): ApiQuery<LogRange>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let events = app.follow_log(id, range.offset.unwrap_or(0))?;
+    let events = app.follow_log(id, range.offset.unwrap_or(0)).await?;
     let events = events.map(|e| {
         Ok(match e {
             Ok(FollowEvent::Chunk { offset, bytes }) => {

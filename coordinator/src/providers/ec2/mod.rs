@@ -108,6 +108,7 @@ impl Provider for Ec2Provider {
     }
 
     fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
+        settings::Settings::of(cloud)?;
         // The identity options; with them, the settings they depend on.
         IdentityCheck::of(cloud)?;
         Ok(())

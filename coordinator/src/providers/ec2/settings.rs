@@ -1,5 +1,6 @@
 //! What an `ec2` cloud's options and a target's launch options ask for.
 
+use kiln_protocol::quote::quote;
 use std::time::Duration;
 
 use kiln_protocol::api::{Cloud, TargetSpec};
@@ -39,16 +40,18 @@ fn invalid(message: impl Into<String>) -> ProviderError {
 impl Settings {
     pub fn of(cloud: &Cloud) -> Result<Self, ProviderError> {
         if let Some(key) = cloud.options.keys().find(|k| !CLOUD_OPTIONS.contains(&k.as_str())) {
-            return Err(invalid(format!("ec2 clouds have no option {key:?}; they know {}", CLOUD_OPTIONS.join(", "))));
+            return Err(invalid(format!(
+                "ec2 clouds have no option {}; they know {}",
+                quote(key),
+                CLOUD_OPTIONS.join(", ")
+            )));
         }
         let region =
             cloud.region.clone().filter(|r| !r.trim().is_empty()).ok_or_else(|| {
                 invalid(format!("cloud {} has no region: give one, e.g. --region us-east-1", cloud.name))
             })?;
-        if let Some(ep) =
-            cloud.endpoint.as_ref().filter(|ep| !(ep.starts_with("http://") || ep.starts_with("https://")))
-        {
-            return Err(invalid(format!("the endpoint {ep:?} is not an http(s) URL")));
+        if let Some(ep) = &cloud.endpoint {
+            crate::providers::check_endpoint(ep)?;
         }
         let secs = |key: &str, default: f64| crate::providers::seconds_option(&cloud.options, key, default);
         Ok(Self {
@@ -106,7 +109,8 @@ impl Launch {
     pub fn of(spec: &TargetSpec) -> Result<Self, ProviderError> {
         if let Some(key) = spec.options.keys().find(|k| !TARGET_OPTIONS.contains(&k.as_str())) {
             return Err(invalid(format!(
-                "ec2 targets have no launch option {key:?}; they know {}",
+                "ec2 targets have no launch option {}; they know {}",
+                quote(key),
                 TARGET_OPTIONS.join(", ")
             )));
         }

@@ -125,6 +125,10 @@ impl OpenstackProvider {
 
 #[async_trait]
 impl Provider for OpenstackProvider {
+    fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
+        settings::Settings::check(cloud)
+    }
+
     async fn preflight(&self, cloud: &Cloud, spec: &TargetSpec) -> Result<(), ProviderError> {
         settings::security_groups(spec)?;
         let s = self.session(cloud).await?;

@@ -1,5 +1,6 @@
 //! What an `openstack` cloud's options and a target's launch options ask for.
 
+use kiln_protocol::quote::quote;
 use std::time::Duration;
 
 use kiln_protocol::api::{Cloud, CloudCredentials, TargetSpec};
@@ -54,26 +55,16 @@ fn invalid(message: impl Into<String>) -> ProviderError {
 }
 
 impl Settings {
-    pub fn of(cloud: &Cloud) -> Result<Self, ProviderError> {
-        let o = &cloud.options;
-        if let Some(key) = o.keys().find(|k| !CLOUD_OPTIONS.contains(&k.as_str())) {
-            return Err(invalid(format!(
-                "openstack clouds have no option {key:?}; they know {}",
-                CLOUD_OPTIONS.join(", ")
-            )));
+    /// Checks a cloud at `cloud add`: everything [`Settings::of`] checks,
+    /// except a password when the cloud asks for it at every build.
+    pub fn check(cloud: &Cloud) -> Result<(), ProviderError> {
+        match &cloud.credentials {
+            None if crate::app::catalog::asks_password(cloud) => Self::with_password(cloud, String::new()).map(drop),
+            _ => Self::of(cloud).map(drop),
         }
-        let auth_url = cloud
-            .endpoint
-            .clone()
-            .filter(|e| e.starts_with("http://") || e.starts_with("https://"))
-            .ok_or_else(|| invalid(format!("cloud {} needs its Keystone v3 URL as --endpoint", cloud.name)))?;
-        let region = cloud.region.clone().ok_or_else(|| invalid(format!("cloud {} has no region", cloud.name)))?;
-        let required = |key: &str| {
-            o.get(key)
-                .filter(|v| !v.trim().is_empty())
-                .cloned()
-                .ok_or_else(|| invalid(format!("cloud {} has no {key}: give it with --option {key}=...", cloud.name)))
-        };
+    }
+
+    pub fn of(cloud: &Cloud) -> Result<Self, ProviderError> {
         let password = match &cloud.credentials {
             Some(CloudCredentials::Password { password }) => password.clone(),
             _ => {
@@ -82,6 +73,33 @@ impl Settings {
                     cloud.name
                 )));
             }
+        };
+        Self::with_password(cloud, password)
+    }
+
+    fn with_password(cloud: &Cloud, password: String) -> Result<Self, ProviderError> {
+        let o = &cloud.options;
+        if let Some(key) = o.keys().find(|k| !CLOUD_OPTIONS.contains(&k.as_str())) {
+            return Err(invalid(format!(
+                "openstack clouds have no option {}; they know {}",
+                quote(key),
+                CLOUD_OPTIONS.join(", ")
+            )));
+        }
+        let auth_url = cloud
+            .endpoint
+            .clone()
+            .ok_or_else(|| invalid(format!("cloud {} needs its Keystone v3 URL as --endpoint", cloud.name)))?;
+        crate::providers::check_endpoint(&auth_url)?;
+        let region = cloud.region.clone().ok_or_else(|| invalid(format!("cloud {} has no region", cloud.name)))?;
+        if let Some(v) = o.get("ask_password").filter(|v| !matches!(v.as_str(), "true" | "false")) {
+            return Err(invalid(format!("option ask_password is {}; use true or false", quote(v))));
+        }
+        let required = |key: &str| {
+            o.get(key)
+                .filter(|v| !v.trim().is_empty())
+                .cloned()
+                .ok_or_else(|| invalid(format!("cloud {} has no {key}: give it with --option {key}=...", cloud.name)))
         };
         let secs = |key: &str, default: f64| crate::providers::seconds_option(o, key, default);
         Ok(Self {
@@ -104,7 +122,8 @@ impl Settings {
 pub fn security_groups(spec: &TargetSpec) -> Result<Vec<String>, ProviderError> {
     if let Some(key) = spec.options.keys().find(|k| !TARGET_OPTIONS.contains(&k.as_str())) {
         return Err(invalid(format!(
-            "openstack targets have no launch option {key:?}; they know {}",
+            "openstack targets have no launch option {}; they know {}",
+            quote(key),
             TARGET_OPTIONS.join(", ")
         )));
     }

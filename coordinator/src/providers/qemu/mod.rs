@@ -16,6 +16,7 @@ mod image;
 mod net;
 mod vm;
 
+use kiln_protocol::quote::quote;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -68,27 +69,40 @@ fn failed(message: impl Into<String>) -> ProviderError {
 impl Settings {
     fn of(cloud: &Cloud) -> Result<Self, ProviderError> {
         if let Some(key) = cloud.options.keys().find(|k| !CLOUD_OPTIONS.contains(&k.as_str())) {
-            return Err(invalid(format!("qemu clouds have no option {key:?}; they know {}", CLOUD_OPTIONS.join(", "))));
+            return Err(invalid(format!(
+                "qemu clouds have no option {}; they know {}",
+                quote(key),
+                CLOUD_OPTIONS.join(", ")
+            )));
         }
         let number = |key: &str, default: u32, max: u32| -> Result<u32, ProviderError> {
             match cloud.options.get(key) {
                 None => Ok(default),
-                Some(v) => v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=max).contains(n))
-                    .ok_or_else(|| invalid(format!("option {key} is {v:?}; give a whole number from 1 to {max}"))),
+                Some(v) => v.parse().ok().filter(|n| (1..=max).contains(n)).ok_or_else(|| {
+                    invalid(format!("option {key} is {}; give a whole number from 1 to {max}", quote(v)))
+                }),
             }
         };
         let accel = match cloud.options.get("accel").map(String::as_str) {
             None | Some("auto") => None,
             Some("kvm") => Some(Accel::Kvm),
             Some("tcg") => Some(Accel::Tcg),
-            Some(other) => return Err(invalid(format!("option accel is {other:?}; use auto, kvm or tcg"))),
+            Some(other) => return Err(invalid(format!("option accel is {}; use auto, kvm or tcg", quote(other)))),
         };
         Policy::from_options(&cloud.options).map_err(|e| invalid(e.to_string()))?;
         Ok(Self { memory_mib: number("memory_mib", 512, 65536)?, cpus: number("cpus", 1, 64)?, accel })
     }
+}
+
+/// Checks a `qemu` cloud at `cloud add`: its options, and that it names no
+/// region or endpoint (its VMs run on this machine).
+pub fn check_cloud(cloud: &Cloud) -> Result<(), ProviderError> {
+    if cloud.region.is_some() || cloud.endpoint.is_some() {
+        return Err(invalid(
+            "qemu clouds take neither a region nor an endpoint: their VMs run on this machine; leave both out",
+        ));
+    }
+    Settings::of(cloud).map(drop)
 }
 
 impl QemuProvider {
@@ -120,7 +134,8 @@ impl QemuProvider {
     fn check_target(spec: &TargetSpec) -> Result<(), ProviderError> {
         if let Some(key) = spec.options.keys().find(|k| !TARGET_OPTIONS.contains(&k.as_str())) {
             return Err(invalid(format!(
-                "qemu targets have no launch option {key:?}; they know {}",
+                "qemu targets have no launch option {}; they know {}",
+                quote(key),
                 TARGET_OPTIONS.join(", ")
             )));
         }
@@ -137,7 +152,7 @@ impl QemuProvider {
 #[async_trait]
 impl Provider for QemuProvider {
     fn check_cloud(&self, cloud: &Cloud) -> Result<(), ProviderError> {
-        Settings::of(cloud).map(drop)
+        check_cloud(cloud)
     }
 
     fn endpoints(&self, cloud: &Cloud, _served: &Served) -> AgentEndpoints {
