@@ -402,10 +402,3 @@ pub struct LogEnd {
     pub total: u64,
     pub status: Status,
 }
-
-/// The answer of `GET /v1/health`: the coordinator is up and serving.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct Health {
-    /// Always `ok`.
-    pub status: String,
-}

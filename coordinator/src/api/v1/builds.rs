@@ -35,7 +35,7 @@ pub async fn start(
 
 /// A build with each target's state, timings, image and error.
 #[utoipa::path(get, operation_id = "show_build", path = "/v1/builds/{id}", tag = "builds",
-    params(("id" = String, Path, description = "Build id")),
+    params(("id" = BuildId, Path, description = "Build id")),
     responses((status = 200, body = Build), (status = 404, body = ErrorBody)))]
 pub async fn show(State(app): State<App>, ApiPath(id): ApiPath<BuildId>) -> Result<Json<Build>, ApiError> {
     Ok(Json(app.build(id).await?))
@@ -43,7 +43,7 @@ pub async fn show(State(app): State<App>, ApiPath(id): ApiPath<BuildId>) -> Resu
 
 /// Cancel a build: every unfinished target unwinds and ends cancelled.
 #[utoipa::path(post, operation_id = "cancel_build", path = "/v1/builds/{id}/cancel", tag = "builds",
-    params(("id" = String, Path, description = "Build id")),
+    params(("id" = BuildId, Path, description = "Build id")),
     responses((status = 200, body = Build), (status = 404, body = ErrorBody), (status = 409, description = "The build has ended", body = ErrorBody)))]
 pub async fn cancel(State(app): State<App>, ApiPath(id): ApiPath<BuildId>) -> Result<Json<Build>, ApiError> {
     Ok(Json(app.cancel_build(id).await?))

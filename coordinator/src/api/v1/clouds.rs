@@ -32,7 +32,7 @@ pub async fn add(
 
 /// Show one cloud.
 #[utoipa::path(get, operation_id = "show_cloud", path = "/v1/clouds/{name}", tag = "clouds",
-    params(("name" = String, Path, description = "Cloud name")),
+    params(("name" = CloudName, Path, description = "Cloud name")),
     responses((status = 200, body = Cloud), (status = 404, body = ErrorBody)))]
 pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<CloudName>) -> Result<Json<Cloud>, ApiError> {
     Ok(Json(app.cloud(&name)?))
@@ -40,7 +40,7 @@ pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<CloudName>) -> 
 
 /// Remove a cloud. Running builds keep the configuration they started with.
 #[utoipa::path(delete, operation_id = "remove_cloud", path = "/v1/clouds/{name}", tag = "clouds",
-    params(("name" = String, Path, description = "Cloud name")),
+    params(("name" = CloudName, Path, description = "Cloud name")),
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn remove(State(app): State<App>, ApiPath(name): ApiPath<CloudName>) -> Result<StatusCode, ApiError> {
     app.remove_cloud(&name).await?;

@@ -32,7 +32,7 @@ pub async fn create(
 
 /// The latest revision of a generator.
 #[utoipa::path(get, operation_id = "show_generator", path = "/v1/generators/{name}", tag = "generators",
-    params(("name" = String, Path, description = "Generator name")),
+    params(("name" = GeneratorName, Path, description = "Generator name")),
     responses((status = 200, body = Revision), (status = 404, body = ErrorBody)))]
 pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<GeneratorName>) -> Result<Json<Revision>, ApiError> {
     Ok(Json(app.revision(&name, None)?))
@@ -40,7 +40,7 @@ pub async fn show(State(app): State<App>, ApiPath(name): ApiPath<GeneratorName>)
 
 /// Save a new revision of a generator.
 #[utoipa::path(put, operation_id = "update_generator", path = "/v1/generators/{name}", tag = "generators", request_body = GeneratorSpec,
-    params(("name" = String, Path, description = "Generator name")),
+    params(("name" = GeneratorName, Path, description = "Generator name")),
     responses((status = 201, body = Revision), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn update(
     State(app): State<App>,
@@ -52,7 +52,7 @@ pub async fn update(
 
 /// Every revision of a generator, oldest first.
 #[utoipa::path(get, operation_id = "list_revisions", path = "/v1/generators/{name}/revisions", tag = "generators",
-    params(("name" = String, Path, description = "Generator name")),
+    params(("name" = GeneratorName, Path, description = "Generator name")),
     responses((status = 200, body = [Revision]), (status = 404, body = ErrorBody)))]
 pub async fn revisions(
     State(app): State<App>,
@@ -63,7 +63,7 @@ pub async fn revisions(
 
 /// One revision of a generator.
 #[utoipa::path(get, operation_id = "show_revision", path = "/v1/generators/{name}/revisions/{number}", tag = "generators",
-    params(("name" = String, Path, description = "Generator name"), ("number" = u32, Path, description = "Revision number")),
+    params(("name" = GeneratorName, Path, description = "Generator name"), ("number" = i64, Path, description = "Revision number", minimum = 1, maximum = 4294967295_i64)),
     responses((status = 200, body = Revision), (status = 404, body = ErrorBody)))]
 pub async fn revision(
     State(app): State<App>,

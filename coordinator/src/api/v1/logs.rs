@@ -18,10 +18,10 @@ use crate::app::App;
 use crate::app::builds::{FollowEvent, MAX_LOG_READ};
 
 /// Read a byte range of a target's log (the merged stdout and stderr of its script).
-#[utoipa::path(get, operation_id = "read_log", path = "/v1/targets/{id}/log", tag = "builds", params(("id" = String, Path, description = "Target id"), LogRange),
+#[utoipa::path(get, operation_id = "read_log", path = "/v1/targets/{id}/log", tag = "builds", params(("id" = TargetId, Path, description = "Target id"), LogRange),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>,
         headers(("x-kiln-log-committed" = u64, description = "Bytes committed so far"))),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 416, description = "The offset is past the bytes committed", body = ErrorBody)))]
 pub async fn read(
     State(app): State<App>,
     ApiPath(id): ApiPath<TargetId>,
@@ -41,9 +41,9 @@ pub async fn read(
 
 /// Follow a target's log as server-sent events: `log` events carry a
 /// [`LogChunk`], the last event, `end`, a [`LogEnd`].
-#[utoipa::path(get, operation_id = "follow_log", path = "/v1/targets/{id}/log/follow", tag = "builds", params(("id" = String, Path, description = "Target id"), LogRange),
+#[utoipa::path(get, operation_id = "follow_log", path = "/v1/targets/{id}/log/follow", tag = "builds", params(("id" = TargetId, Path, description = "Target id"), LogRange),
     responses((status = 200, content_type = "text/event-stream", description = "`log` events with a LogChunk, then one `end` event with a LogEnd"),
-        (status = 404, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 416, description = "The offset is past the bytes committed", body = ErrorBody)))]
 pub async fn follow(
     State(app): State<App>,
     ApiPath(id): ApiPath<TargetId>,
