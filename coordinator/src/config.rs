@@ -137,6 +137,28 @@ pub struct Limits {
     pub max_script_bytes: usize,
     /// Largest script timeout a generator may ask for.
     pub max_script_timeout: Duration,
+    /// The most log bytes one target may store; past it the target fails
+    /// (`log_quota`) and what was committed stays readable.
+    pub log_quota_bytes: u64,
+    /// What each listener allows.
+    pub listen: ListenLimits,
+}
+
+/// What one listener allows (every listener has the same).
+#[derive(Clone, Copy, Debug)]
+pub struct ListenLimits {
+    /// Connections at once; one more is closed at accept.
+    pub max_connections: usize,
+    /// For an HTTP/1 request's headers, and for an idle keep-alive connection.
+    pub header_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+}
+
+impl Default for ListenLimits {
+    fn default() -> Self {
+        Self { max_connections: 2048, header_timeout: Duration::from_secs(10), max_streams: 64 }
+    }
 }
 
 /// How long each waiting step waits.
@@ -158,7 +180,12 @@ pub struct Timeouts {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_script_bytes: 1024 * 1024, max_script_timeout: Duration::from_secs(24 * 3600) }
+        Self {
+            max_script_bytes: 1024 * 1024,
+            max_script_timeout: Duration::from_secs(24 * 3600),
+            log_quota_bytes: 1 << 30,
+            listen: ListenLimits::default(),
+        }
     }
 }
 

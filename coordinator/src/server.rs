@@ -76,20 +76,20 @@ impl Server {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         // The public listener serves the API and, at `/`, the web page that uses it.
-        let public = api::public(app.clone())
-            .layer(axum::middleware::from_fn_with_state(hosts, api::auth::host_guard));
-        match api_tls {
-            None => tasks.spawn(plain(listeners.api, public, shutdown.clone())),
-            Some(source) => {
-                let tls = api_tls_config(&app, &source, addrs.api)?;
-                tasks.spawn(api::tls::serve(listeners.api, tls, public, shutdown.clone()))
-            }
+        let public = api::public(app.clone()).layer(axum::middleware::from_fn_with_state(hosts, api::auth::host_guard));
+        let limits = app.config().limits.listen;
+        let api_tls = match api_tls {
+            None => None,
+            Some(source) => Some(api_tls_config(&app, &source, addrs.api)?),
         };
-        tasks.spawn(plain(listeners.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
-        tasks.spawn(plain(guest.bootstrap, api::bootstrap::router(app.clone()), shutdown.clone()));
+        tasks.spawn(api::listen::serve(listeners.api, api_tls, public, limits, shutdown.clone()));
+        let bootstrap = || api::bootstrap::router(app.clone());
+        tasks.spawn(api::listen::serve(listeners.bootstrap, None, bootstrap(), limits, shutdown.clone()));
+        tasks.spawn(api::listen::serve(guest.bootstrap, None, bootstrap(), limits, shutdown.clone()));
         let agents = || api::agent::router(app.clone());
-        tasks.spawn(api::tls::serve(listeners.agent, app.pki().agent_tls(), agents(), shutdown.clone()));
-        tasks.spawn(api::tls::serve(guest.agent, app.pki().agent_tls(), agents(), shutdown.clone()));
+        let agent_tls = || Some(app.pki().agent_tls());
+        tasks.spawn(api::listen::serve(listeners.agent, agent_tls(), agents(), limits, shutdown.clone()));
+        tasks.spawn(api::listen::serve(guest.agent, agent_tls(), agents(), limits, shutdown.clone()));
         let policies = app.clone();
         tasks.spawn(crate::egress::serve(
             guest.egress,
@@ -184,17 +184,6 @@ fn host_allowlist(config: &Config, api: SocketAddr) -> api::auth::HostAllowlist 
     }
     names.extend(config.api_hosts.iter().cloned());
     api::auth::HostAllowlist::new(names)
-}
-
-/// Serves `router` over plain HTTP until `stop`.
-async fn plain<L>(listener: L, router: axum::Router, stop: CancellationToken)
-where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-{
-    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
-        tracing::error!(error = %e, "listener failed");
-    }
 }
 
 /// The Unix sockets in `<data>/run/` that guest connections are relayed to.

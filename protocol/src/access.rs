@@ -64,8 +64,8 @@ pub struct ApiToken {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    /// Says whose or what the token is (1 to 64 printable characters).
-    #[schema(min_length = 1, max_length = 64)]
+    /// Says whose or what the token is (1 to 64 characters, no control characters).
+    #[schema(min_length = 1, max_length = 64, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     pub name: String,
     pub role: Role,
 }

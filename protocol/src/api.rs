@@ -72,6 +72,7 @@ pub struct Cloud {
     pub kind: CloudKind,
     /// The region, for kinds that have regions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "\\S")]
     pub region: Option<String>,
     /// The API endpoint, for kinds reached over an API (EC2-compatible, OpenStack).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -93,12 +94,16 @@ pub struct GeneratorSpec {
     #[serde(default)]
     pub description: String,
     /// The customization script; a `#!` line picks its interpreter, else `/bin/sh`.
+    /// Not blank, no NUL.
+    #[schema(pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     pub script: String,
     /// Hard limit for the script's run; the agent kills its whole process group after it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 86400)]
     pub timeout_secs: Option<u64>,
     /// Environment variables given to the script.
     #[serde(default, deserialize_with = "crate::unique::map", skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = env_schema)]
     pub env: BTreeMap<String, String>,
     /// Secret environment variables given to the script, write-only: stored
     /// sealed, given only to the agent's job over mutual TLS, masked as `***`
@@ -106,7 +111,8 @@ pub struct GeneratorSpec {
     /// `secret_env_names`). Absent: the new revision keeps the previous
     /// revision's secrets; given (even `{}`): it has exactly these. Values
     /// have at least 4 bytes and no NUL; names are not also in `env`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::unique::optional_map", skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = secret_env_schema)]
     pub secret_env: Option<BTreeMap<String, Secret>>,
     /// Whether the seal generalizes the image so each instance booted from it
     /// is a fresh machine: cloud-init's state and logs, the machine-id, SSH
@@ -124,6 +130,7 @@ pub struct GeneratorSpec {
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
     /// An AMI id, a Glance image id, or a local disk file.
+    #[schema(pattern = "\\S")]
     pub base_image: String,
     /// Instance type (EC2) or flavor (OpenStack).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -168,7 +175,7 @@ pub struct GeneratorSummary {
 pub struct BuildRequest {
     pub generator: GeneratorName,
     /// The revision to build; the latest when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
     #[schema(format = Int64, minimum = 1, maximum = 4294967295_i64)]
     pub revision: Option<u32>,
     /// The clouds to build on; all of the generator's clouds when empty.
@@ -264,6 +271,9 @@ pub enum FailureReason {
     /// enrolling agent's document was missing, not signed by the configured
     /// certificate, or named another instance, region or account.
     IdentityRefused,
+    /// The script's output passed the target's log quota (the coordinator's
+    /// `--log-quota-bytes`, 1 GiB by default); the log up to it is kept.
+    LogQuota,
 }
 
 /// The failure of one target: where, why, and what to do about it.
@@ -401,4 +411,34 @@ pub struct LogChunk {
 pub struct LogEnd {
     pub total: u64,
     pub status: Status,
+}
+
+/// A variable name: letters, digits and `_`, not starting with a digit.
+const ENV_NAME: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
+/// No NUL (it cannot cross `execve`).
+const NO_NUL: &str = "^[^\\u0000]*$";
+
+/// `env`'s schema: names as [`ENV_NAME`], values without NUL.
+fn env_schema() -> utoipa::openapi::Object {
+    env_map(0)
+}
+
+/// `secret_env`'s schema: like `env`, values of at least 4 characters; may be null.
+fn secret_env_schema() -> utoipa::openapi::Object {
+    let mut o = env_map(4);
+    o.schema_type = utoipa::openapi::schema::SchemaType::from_iter([
+        utoipa::openapi::schema::Type::Object,
+        utoipa::openapi::schema::Type::Null,
+    ]);
+    o
+}
+
+fn env_map(min_value: usize) -> utoipa::openapi::Object {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let name = ObjectBuilder::new().schema_type(Type::String).pattern(Some(ENV_NAME));
+    let mut value = ObjectBuilder::new().schema_type(Type::String).pattern(Some(NO_NUL));
+    if min_value > 0 {
+        value = value.min_length(Some(min_value));
+    }
+    ObjectBuilder::new().schema_type(Type::Object).property_names(Some(name)).additional_properties(Some(value)).build()
 }

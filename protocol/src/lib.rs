@@ -8,6 +8,7 @@
 //! - [`error`]: the JSON error body every endpoint returns.
 //! - [`quote`]: input quoted in error messages, at most 200 characters of it.
 //! - [`unique`]: request maps that refuse a key given twice.
+//! - [`whole`]: whole numbers that may be written `7.0`.
 //!
 //! This crate knows nothing of tokio, axum or sled: it is serde types only, so
 //! the agent, the CLI and the coordinator agree on one definition.
@@ -19,6 +20,7 @@ pub mod error;
 pub mod ids;
 pub mod quote;
 pub mod unique;
+pub mod whole;
 
 pub use ids::{BuildId, CloudName, GeneratorName, InvalidName, TargetId};
 

@@ -49,6 +49,20 @@ where
     deserializer.deserialize_map(Unique(PhantomData))
 }
 
+/// [`map`] for an `Option<BTreeMap>` field (with `#[serde(default)]`): null is `None`.
+pub fn optional_map<'de, D, K, V>(deserializer: D) -> Result<Option<BTreeMap<K, V>>, D::Error>
+where
+    D: Deserializer<'de>,
+    K: Deserialize<'de> + Ord + fmt::Display,
+    V: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(bound = "K: Deserialize<'de> + Ord + fmt::Display, V: Deserialize<'de>")]
+    struct Unique<K, V>(#[serde(deserialize_with = "map")] BTreeMap<K, V>);
+
+    Ok(Option::<Unique<K, V>>::deserialize(deserializer)?.map(|u| u.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,7 +77,7 @@ async fn bad_input_gets_clear_errors() {
             Method::POST,
             "/v1/builds",
             Some(json!({"generator": "good", "clouds": ["other"]})),
-            400,
+            404,
             "has no target for cloud other",
         ),
         (Method::POST, "/v1/builds", Some(json!({"generator": "nocloud"})), 404, "cloud elsewhere does not exist"),

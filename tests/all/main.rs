@@ -12,6 +12,7 @@ mod ec2_bed;
 mod ec2_identity;
 mod enrollment;
 mod lifecycle;
+mod limits;
 mod openapi;
 mod openstack;
 mod openstack_bed;

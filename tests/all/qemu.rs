@@ -173,8 +173,10 @@ async fn bad_base_images_are_refused_up_front() {
 }
 
 // A hostile script leaves a daemon (in its own session, so it outlives the
-// script) that freezes the agent as soon as the seal has begun: the seal never
-// finishes. The coordinator stops the VM at the seal limit and makes no image
+// script) that finds the agent's pid while the script runs and freezes it
+// the moment the seal has removed the agent's directory (running at the
+// highest priority and the agent at the lowest, with only shell builtins
+// between the two, so the seal cannot win the race): the seal never finishes. The coordinator stops the VM at the seal limit and makes no image
 // of a disk that may still hold the token; nothing is left behind.
 #[tokio::test]
 async fn an_unfinished_seal_makes_no_image() {
@@ -182,19 +184,30 @@ async fn an_unfinished_seal_makes_no_image() {
     add_qemu_cloud(&bed, "local", json!({})).await;
     let freeze = r#"
 freeze() {
-    i=0
-    while [ -e /var/lib/kiln-agent ] && [ $i -lt 1000000 ]; do i=$((i + 1)); done
+    pids=
     for p in /proc/[0-9]*; do
-        [ "$(cat $p/comm 2>/dev/null)" = kiln-agent ] && kill -STOP "${p#/proc/}"
+        [ "$(cat $p/comm 2>/dev/null)" = kiln-agent ] && pids="$pids ${p#/proc/}"
     done
+    renice -n -20 -p $$
+    renice -n 19 -p $pids
+    : > /tmp/daemon-ready
+    i=0
+    while [ -e /var/lib/kiln-agent ] && [ $i -lt 5000000 ]; do i=$((i + 1)); done
+    kill -STOP $pids
 }
 freeze </dev/null >/dev/null 2>&1 &
 "#;
-    let script = format!("setsid sh -c '{}' &\necho left a daemon\n", freeze.replace('\'', r"'\''"));
+    // The script waits for the daemon to be in its own session: had it ended
+    // first, the agent would have killed the daemon with the script's group.
+    let script = format!(
+        "setsid sh -c '{}' &\ni=0\nwhile [ ! -e /tmp/daemon-ready ] && [ $i -lt 1000000 ]; do i=$((i + 1)); done\necho left a daemon\n",
+        freeze.replace('\'', r"'\''")
+    );
     generator(&bed, "frozen", &script, &["local"], &tiny()).await;
     let build = bed.wait(&bed.start_build("frozen").await).await;
+    let log = String::from_utf8_lossy(&bed.log(build.targets[0].id).await).into_owned();
 
-    assert_eq!(build.status, Status::Failed, "{build:#?}");
+    assert_eq!(build.status, Status::Failed, "the script printed {log:?}: {build:#?}");
     let t = &build.targets[0];
     let err = t.error.as_ref().expect("an error");
     assert_eq!((err.reason, err.step), (FailureReason::SealIncomplete, Step::Seal), "{err:#?}");

@@ -32,6 +32,8 @@ pub struct Options {
     pub real_qemu: bool,
     /// From the script's end until the sealed instance must have stopped.
     pub seal: Duration,
+    /// The most log bytes one target may store.
+    pub log_quota: u64,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             agent_contact: Duration::from_secs(60),
             real_qemu: false,
             seal: Duration::from_secs(120),
+            log_quota: 1 << 30,
         }
     }
 }
@@ -330,6 +333,7 @@ fn config(dir: &TempDir, opts: &Options) -> Config {
     config.timeouts.token_ttl = opts.token_ttl;
     config.timeouts.agent_contact = opts.agent_contact;
     config.timeouts.seal = opts.seal;
+    config.limits.log_quota_bytes = opts.log_quota;
     config
 }
 

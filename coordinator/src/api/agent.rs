@@ -1,11 +1,13 @@
-//! The agent listener's routes (behind mTLS, see [`super::tls`]).
+//! The agent listener's routes (behind mTLS, see [`super::listen`]).
 //!
 //! Each handler gets the caller's identity from its certificate as a
 //! [`Peer`] extension and lets the application layer authorize it.
 
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
@@ -25,17 +27,39 @@ pub struct Peer(pub Option<PeerIdentity>);
 /// Largest log chunk accepted (the agent sends at most 1 MiB).
 const MAX_CHUNK: usize = 4 * 1024 * 1024;
 
+/// Largest enrollment request (a CSR, a token, an identity document).
+const MAX_ENROLL: usize = 16 * 1024;
+
 pub fn router(app: App) -> Router {
-    let routes = Router::new()
-        .route(paths::ENROLL, post(enroll))
+    // Every route but enrollment needs the certificate of the target its path
+    // names: checked before any body is read.
+    let certified = Router::new()
         .route(paths::JOB, get(job))
         .route(paths::LOG, put(log))
         .route(paths::EXIT, post(exit))
         .route(paths::INSTRUCTION, get(instruction))
         .route(paths::SEALING, post(sealing))
         .route(paths::SEALED, post(sealed))
+        .route_layer(axum::middleware::from_fn_with_state(app.clone(), certified))
         .layer(DefaultBodyLimit::max(MAX_CHUNK));
+    let routes =
+        Router::new().route(paths::ENROLL, post(enroll).layer(DefaultBodyLimit::max(MAX_ENROLL))).merge(certified);
     super::json_errors::contract(routes, "; agents call only the routes of kiln's agent protocol").with_state(app)
+}
+
+/// Refuses a request whose client certificate is missing or is not the
+/// current one of the target in its path, before its body is read.
+async fn certified(
+    State(app): State<App>,
+    Extension(peer): Extension<Peer>,
+    ApiPath(target): ApiPath<TargetId>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match app.authorize(peer.0.as_ref(), target) {
+        Ok(_) => next.run(req).await,
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 async fn enroll(

@@ -43,6 +43,7 @@ impl From<AppError> for ApiError {
             }
             AppError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
             AppError::RangeNotSatisfiable(_) => (S::RANGE_NOT_SATISFIABLE, C::RangeNotSatisfiable),
+            AppError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
             AppError::Store(_)
             | AppError::Io(_)
             | AppError::Pki(_)

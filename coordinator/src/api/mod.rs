@@ -2,8 +2,9 @@
 //!
 //! - [`v1`]: the public JSON API (and its OpenAPI document), for the CLI and the
 //!   page, behind [`auth`] (tokens, roles, the page's session, the Host allowlist).
-//! - [`agent`]: the mTLS listener agents call; [`tls`] accepts its connections
-//!   and hands each request the identity from its client certificate.
+//! - [`agent`]: the mTLS listener agents call; [`listen`] accepts its
+//!   connections and hands each request the identity from its client
+//!   certificate, and holds every listener to the same connection limits.
 //! - [`bootstrap`]: plain HTTP for what an instance fetches before it has a
 //!   certificate (the agent binary; its sha256 in user-data makes it safe).
 
@@ -13,7 +14,7 @@ pub mod bootstrap;
 mod error;
 mod extract;
 mod json_errors;
-pub mod tls;
+pub mod listen;
 pub mod v1;
 pub mod web;
 

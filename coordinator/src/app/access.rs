@@ -34,6 +34,8 @@ pub struct Principal {
     /// The token's name.
     pub name: String,
     pub role: Role,
+    /// The stored token's id (none for an in-process token).
+    pub token_id: Option<String>,
     /// The page's session, when the caller came with its cookie.
     pub csrf: Option<String>,
 }
@@ -99,7 +101,14 @@ impl App {
     }
 
     /// Revokes a token; its sessions end with it.
-    pub fn revoke_token(&self, id: &str) -> Result<(), AppError> {
+    /// Revokes token `id`; `by` is the caller, who may not revoke its own
+    /// token (so the API can never lock out its last admin).
+    pub fn revoke_token(&self, id: &str, by: &Principal) -> Result<(), AppError> {
+        if by.token_id.as_deref() == Some(id) {
+            return Err(AppError::Conflict(
+                "a token cannot revoke itself: revoke it with another admin token (`kiln token create --role admin` makes one)".into(),
+            ));
+        }
         if !self.0.store.remove_api_token(id)? {
             return Err(AppError::not_found(
                 format!("token {}", id.chars().take(40).collect::<String>()),
@@ -113,7 +122,7 @@ impl App {
     /// A token valid only while this process runs (one-shot mode's own client).
     pub fn ephemeral_token(&self, name: &str, role: Role) -> String {
         let secret = random_secret(TOKEN_PREFIX);
-        let principal = Principal { name: name.to_owned(), role, csrf: None };
+        let principal = Principal { name: name.to_owned(), role, token_id: None, csrf: None };
         self.0.access.ephemeral.lock().expect("access lock").insert(hash(&secret), principal);
         secret
     }
@@ -136,7 +145,12 @@ impl App {
         if let Some(p) = self.0.access.ephemeral.lock().expect("access lock").get(hash) {
             return Ok(Some(p.clone()));
         }
-        Ok(self.0.store.api_token(hash)?.map(|t| Principal { name: t.name, role: t.role, csrf: None }))
+        Ok(self.0.store.api_token(hash)?.map(|t| Principal {
+            name: t.name,
+            role: t.role,
+            token_id: Some(t.id),
+            csrf: None,
+        }))
     }
 
     /// The caller behind a bearer token.

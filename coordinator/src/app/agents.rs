@@ -192,6 +192,10 @@ impl App {
         bytes: bytes::Bytes,
     ) -> Result<LogAck, AppError> {
         let t = self.authorize(peer, target)?;
+        let quota = self.0.config.limits.log_quota_bytes;
+        if offset.saturating_add(bytes.len() as u64) > quota {
+            return Err(self.fail_over_quota(&t, quota));
+        }
         if let Some(total) = t.reported_total
             && offset.saturating_add(bytes.len() as u64) > total
         {
@@ -211,6 +215,26 @@ impl App {
         }
         let committed = self.append_masked(target, offset, &bytes, &masker, false).await?;
         Ok(LogAck { committed })
+    }
+
+    /// Fails a target whose output passed the log quota; the committed log
+    /// stays as it is. The agent's answer: 413.
+    fn fail_over_quota(&self, t: &TargetRecord, quota: u64) -> AppError {
+        tracing::warn!(build = %t.build, target = %t.id, quota, "the script's output passed the log quota; failing the target");
+        let failed = self.0.store.update_target(t.id, |r| {
+            r.fail(
+                FailureReason::LogQuota,
+                format!(
+                    "the script wrote more than the log quota of {quota} bytes; the log up to it is kept. \
+                     Write less (send bulk output to a file), or raise --log-quota-bytes"
+                ),
+            )
+        });
+        if let Err(e) = failed {
+            return e.into();
+        }
+        self.notify();
+        AppError::PayloadTooLarge(format!("the target's log is limited to {quota} bytes; the target has failed"))
     }
 
     /// The secret values masked in a target's log: its revision's secret env

@@ -34,7 +34,7 @@ impl App {
             req.clouds.into_iter().filter(|c| seen.insert(c.clone())).collect()
         };
         if clouds.is_empty() {
-            return Err(AppError::BadRequest(format!(
+            return Err(AppError::Conflict(format!(
                 "generator {} revision {} names no cloud: add a target (a cloud and its base image) and save",
                 rev.generator, rev.number
             )));
@@ -51,7 +51,7 @@ impl App {
         for name in &clouds {
             let spec = rev.spec.targets.get(name).ok_or_else(|| {
                 let known: Vec<_> = rev.spec.targets.keys().map(|c| c.to_string()).collect();
-                AppError::BadRequest(format!(
+                AppError::NotFound(format!(
                     "generator {} revision {} has no target for cloud {name}; it has: {}",
                     rev.generator,
                     rev.number,

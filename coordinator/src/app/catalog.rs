@@ -188,7 +188,10 @@ impl App {
         }
         for (name, value) in spec.secret_env.iter().flatten() {
             if spec.env.contains_key(name) {
-                return Err(AppError::BadRequest(format!("{} is in both env and secret_env: keep it in one of them", quote(name))));
+                return Err(AppError::BadRequest(format!(
+                    "{} is in both env and secret_env: keep it in one of them",
+                    quote(name)
+                )));
             }
             if value.0.len() < MIN_SECRET_LEN {
                 return Err(AppError::BadRequest(format!(

@@ -22,6 +22,8 @@ pub enum AppError {
     Unavailable(String),
     #[error("{0}")]
     RangeNotSatisfiable(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("internal error")]
     Store(#[source] StoreError),
     #[error("internal error")]

@@ -74,6 +74,17 @@ pub struct ServeArgs {
     /// Seconds from launch until the agent must have phoned home.
     #[arg(long, default_value_t = 600)]
     pub agent_timeout_secs: u64,
+    /// The most log bytes one target may store; past it the target fails
+    /// (`log_quota`) and its log up to there stays readable.
+    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub log_quota_bytes: u64,
+    /// Connections each listener holds at once; one more is closed at once.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_connections: u64,
+    /// Seconds a client has to send a request's headers; an idle keep-alive
+    /// connection is closed after as long.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -93,6 +104,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.insecure_http = args.insecure_http;
     config.api_hosts = args.api_hosts;
     config.limits.max_script_bytes = args.max_script_bytes;
+    config.limits.log_quota_bytes = args.log_quota_bytes;
+    config.limits.listen.max_connections = args.max_connections as usize;
+    config.limits.listen.header_timeout = Duration::from_secs(args.header_timeout_secs);
     config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);
     config.check().map_err(anyhow::Error::msg)?;
     let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)

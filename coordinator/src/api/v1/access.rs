@@ -40,9 +40,14 @@ pub async fn create(
 /// Revoke an API token; the page sessions made with it end too.
 #[utoipa::path(delete, operation_id = "revoke_token", path = "/v1/tokens/{id}", tag = "access",
     params(("id" = String, Path, description = "Token id (16 hex digits)", pattern = "^[0-9a-f]{16}$")),
-    responses((status = 204), (status = 404, body = ErrorBody)))]
-pub async fn revoke(State(app): State<App>, ApiPath(id): ApiPath<String>) -> Result<StatusCode, ApiError> {
-    app.revoke_token(&id)?;
+    responses((status = 204), (status = 404, body = ErrorBody),
+        (status = 409, description = "A token cannot revoke itself", body = ErrorBody)))]
+pub async fn revoke(
+    State(app): State<App>,
+    Extension(principal): Extension<Principal>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    app.revoke_token(&id, &principal)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -23,8 +23,10 @@ pub async fn list(
 /// Start a build of a generator revision on a set of clouds.
 #[utoipa::path(post, operation_id = "start_build", path = "/v1/builds", tag = "builds", request_body = BuildRequest, responses(
     (status = 201, body = Build),
-    (status = 400, description = "A cloud the generator has no target for, a base image the cloud refuses", body = ErrorBody),
-    (status = 404, description = "Unknown generator, revision or cloud", body = ErrorBody),
+    (status = 400, description = "A base image or launch option the cloud refuses, a password missing", body = ErrorBody),
+    (status = 404, description = "Unknown generator, revision or cloud, or a cloud the revision has no target for", body = ErrorBody),
+    (status = 409, description = "The revision names no cloud", body = ErrorBody),
+    (status = 503, description = "The coordinator cannot build now: it has no agent binary", body = ErrorBody),
 ))]
 pub async fn start(
     State(app): State<App>,

@@ -15,7 +15,10 @@ pub fn complete(mut doc: OpenApi) -> OpenApi {
     components.add_security_scheme(
         "token",
         SecurityScheme::Http(
-            HttpBuilder::new().scheme(HttpAuthScheme::Bearer).description(Some("An API token (`kiln token create`)")).build(),
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some("An API token (`kiln token create`)"))
+                .build(),
         ),
     );
     components.add_security_scheme(
@@ -30,7 +33,8 @@ pub fn complete(mut doc: OpenApi) -> OpenApi {
         SecurityRequirement::new("session", Vec::<String>::new()),
     ]);
     for item in doc.paths.paths.values_mut() {
-        for op in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
+        for op in
+            [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch].into_iter().flatten()
         {
             add_errors(op);
         }
