@@ -142,6 +142,14 @@ async fn tokens_are_created_listed_and_revoked() {
     let (status, err) =
         error_of(bed.client.request(Method::DELETE, "/v1/tokens/0123456789abcdef").send().await.unwrap()).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{err:?}");
+    // A token cannot revoke itself, so the API never locks out its last admin.
+    let admin = listed.iter().find(|t| t.name == "admin").unwrap();
+    let (status, err) =
+        error_of(bed.client.request(Method::DELETE, &format!("/v1/tokens/{}", admin.id)).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{err:?}");
+    assert!(err.message.contains("cannot revoke itself"), "{}", err.message);
+    let still: Vec<ApiToken> = bed.client.get("/v1/tokens").await.unwrap();
+    assert!(still.iter().any(|t| t.name == "admin"));
     for bad in [
         json!({"name": "", "role": "viewer"}),
         json!({"name": "x", "role": "root"}),

@@ -218,3 +218,38 @@ freeze </dev/null >/dev/null 2>&1 &
     assert!(entries(&data(&bed).join("qemu/instances")).is_empty(), "no overlay is left");
     assert!(processes_in(&data(&bed).join("qemu")).is_empty(), "no QEMU is left running");
 }
+
+// A script that floods the serial console: the console file keeps only about
+// its newest `console_max_mib`, and what the guest printed last is in it.
+#[tokio::test]
+async fn the_console_keeps_only_its_newest_part() {
+    let bed = Bed::with(Options::qemu()).await;
+    add_qemu_cloud(&bed, "local", json!({"console_max_mib": "1"})).await;
+    let script = "head -c 3000000 /dev/zero | tr '\\0' k > /dev/ttyS0\n\
+                  echo console-end-marker > /dev/ttyS0\n\
+                  echo flooded\n\
+                  sleep 30\n";
+    generator(&bed, "flood", script, &["local"], &tiny()).await;
+    let build = bed.start_build("flood").await;
+    let target = build.targets[0].id;
+    let log = bed.follow_until(target, |log| log.windows(7).any(|w| w == b"flooded")).await;
+    assert!(String::from_utf8_lossy(&log).contains("flooded"), "the script did not flood its console");
+    let instances = data(&bed).join("qemu/instances");
+    let console = entries(&instances).pop().expect("the VM's directory").join("console.log");
+    // Each poll of the running VM cuts the console; wait (bounded) for the next one.
+    let mut len = u64::MAX;
+    for _ in 0..100 {
+        len = std::fs::metadata(&console).unwrap().len();
+        if len <= 1 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(len <= 1 << 20, "the console holds {len} bytes past its 1 MiB cap");
+    let kept = std::fs::read(&console).unwrap();
+    assert!(String::from_utf8_lossy(&kept).contains("console-end-marker"), "the newest console output was lost");
+    let _: Build = bed.client.post(&format!("/v1/builds/{}/cancel", build.id), &()).await.unwrap();
+    let build = bed.wait(&build).await;
+    assert_eq!(build.status, Status::Cancelled);
+    assert!(entries(&instances).is_empty(), "the cancelled VM was not removed");
+}

@@ -35,7 +35,8 @@ use crate::config::Config;
 use crate::egress::Policy;
 
 /// The cloud options a `qemu` cloud understands.
-const CLOUD_OPTIONS: &[&str] = &["memory_mib", "cpus", "accel", "coordinator_host", "egress", "egress_allow"];
+const CLOUD_OPTIONS: &[&str] =
+    &["memory_mib", "cpus", "accel", "coordinator_host", "egress", "egress_allow", "console_max_mib"];
 /// The launch options a `qemu` target understands (direct boot overrides, egress).
 const TARGET_OPTIONS: &[&str] = &["kernel", "initrd", "append", "egress", "egress_allow"];
 
@@ -56,6 +57,8 @@ struct Settings {
     memory_mib: u32,
     cpus: u32,
     accel: Option<Accel>,
+    /// How much of a VM's serial console is kept (its newest part).
+    console_max_mib: u32,
 }
 
 fn invalid(message: impl Into<String>) -> ProviderError {
@@ -90,7 +93,12 @@ impl Settings {
             Some(other) => return Err(invalid(format!("option accel is {}; use auto, kvm or tcg", quote(other)))),
         };
         Policy::from_options(&cloud.options).map_err(|e| invalid(e.to_string()))?;
-        Ok(Self { memory_mib: number("memory_mib", 512, 65536)?, cpus: number("cpus", 1, 64)?, accel })
+        Ok(Self {
+            memory_mib: number("memory_mib", 512, 65536)?,
+            cpus: number("cpus", 1, 64)?,
+            accel,
+            console_max_mib: number("console_max_mib", 8, 1024)?,
+        })
     }
 }
 
@@ -201,9 +209,12 @@ impl Provider for QemuProvider {
         Ok(instance)
     }
 
-    async fn state(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError> {
+    async fn state(&self, cloud: &Cloud, instance: &InstanceId) -> Result<InstanceState, ProviderError> {
         let dir = self.instance_dir(instance);
         Ok(if vm::pid(&dir).is_some() {
+            // Each poll of a running VM keeps its console within bounds.
+            let max = Settings::of(cloud).map_or(8, |s| s.console_max_mib);
+            vm::cap_console(&dir, u64::from(max) << 20);
             InstanceState::Running
         } else if dir.join(vm::OVERLAY).exists() {
             InstanceState::Stopped

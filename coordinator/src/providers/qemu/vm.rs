@@ -100,7 +100,9 @@ pub async fn start(spec: &VmSpec<'_>, cidata: OwnedFd) -> Result<(), ProviderErr
         .args(spec.accel.qemu_args())
         .args(["-m", &spec.memory_mib.to_string(), "-smp", &spec.cpus.to_string()])
         .args(["-nodefaults", "-display", "none", "-no-reboot", "-daemonize"])
-        .args(["-pidfile", &path(PIDFILE), "-serial", &format!("file:{}", path(CONSOLE))])
+        .args(["-pidfile", &path(PIDFILE)])
+        // Appended (O_APPEND), so cap_console can cut its head while QEMU writes.
+        .args(["-chardev", &format!("file,id=console,append=on,path={}", path(CONSOLE)), "-serial", "chardev:console"])
         .args(["-drive", &format!("file={},format=qcow2,if=virtio,discard=unmap,detect-zeroes=unmap", path(OVERLAY))])
         // The seed: /dev/vdb, read-only, from the inherited memfd.
         .args(["-add-fd", &format!("fd={CIDATA_FD},set=1,opaque=cidata")])
@@ -156,6 +158,37 @@ pub async fn kill(dir: &Path, signal: Signal) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = send(pid, Signal::SIGKILL);
+}
+
+/// Keeps the serial console to about its newest `max` bytes: once it is
+/// larger, the oldest part is cut so that about half of `max` stays. The cut
+/// collapses whole blocks at the start of the file in place, which QEMU's
+/// appends survive; where the filesystem cannot (tmpfs), the newest half is
+/// rewritten instead, losing what the guest printed during the rewrite.
+pub fn cap_console(dir: &Path, max: u64) {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(CONSOLE);
+    let Ok(mut file) = std::fs::OpenOptions::new().read(true).append(true).open(&path) else { return };
+    let Ok(meta) = file.metadata() else { return };
+    if meta.len() <= max {
+        return;
+    }
+    let block = meta.blksize().max(1);
+    let cut = (meta.len() - max / 2) / block * block;
+    if cut > 0 && fallocate(&file, FallocateFlags::FALLOC_FL_COLLAPSE_RANGE, 0, cut as i64).is_ok() {
+        return;
+    }
+    let mut tail = Vec::with_capacity((max / 2) as usize);
+    let rewritten = file
+        .seek(SeekFrom::Start(meta.len() - max / 2))
+        .and_then(|_| file.read_to_end(&mut tail))
+        .and_then(|_| file.set_len(0))
+        .and_then(|()| file.write_all(&tail));
+    if let Err(e) = rewritten {
+        tracing::warn!(path = %path.display(), error = %e, "cannot cut the console log");
+    }
 }
 
 /// The last lines of the serial console.
