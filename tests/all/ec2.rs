@@ -248,7 +248,8 @@ async fn restart_after_run_instances_launches_no_second_instance() {
 }
 
 // A cloud or base image EC2 refuses stops the build before anything starts,
-// with EC2's own code and what to fix, one case per line.
+// with EC2's own code and what to fix, one case per line; a cloud without a
+// region is refused at `cloud add`.
 #[tokio::test]
 async fn bad_ec2_input_is_refused_with_the_clouds_code() {
     let env = Ec2Bed::start(&["us-east-1"], Metadata::Imds).await;
@@ -258,8 +259,12 @@ async fn bad_ec2_input_is_refused_with_the_clouds_code() {
     let nowhere = json!({"name": "nowhere", "kind": "ec2", "region": "us-east-1", "endpoint": "http://127.0.0.1:1",
         "credentials": {"access_key_id": "test", "secret_access_key": "x"}});
     let _: serde_json::Value = env.bed.client.post("/v1/clouds", &nowhere).await.unwrap();
+    // A cloud EC2 could not serve is refused when it is added.
     let regionless = json!({"name": "regionless", "kind": "ec2", "endpoint": good.url});
-    let _: serde_json::Value = env.bed.client.post("/v1/clouds", &regionless).await.unwrap();
+    let resp = env.bed.client.request(reqwest::Method::POST, "/v1/clouds").json(&regionless).send().await.unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::BAD_REQUEST);
+    let err: kiln_protocol::error::ErrorBody = resp.json().await.unwrap();
+    assert!(err.message.contains("has no region"), "{}", err.message);
     let ami = env.amis["us-east-1"].clone();
     let cases = [
         ("good", "ami-0123456789abcdef0", "InvalidAMIID.NotFound"),
@@ -269,7 +274,6 @@ async fn bad_ec2_input_is_refused_with_the_clouds_code() {
             "AuthFailure: checking the base image: injected AuthFailure; check the cloud's access key",
         ),
         ("nowhere", ami.as_str(), "cannot reach the EC2 endpoint"),
-        ("regionless", ami.as_str(), "has no region"),
     ];
     for (i, (cloud, base, needle)) in cases.iter().enumerate() {
         let name = format!("bad{i}");
