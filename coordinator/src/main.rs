@@ -3,6 +3,11 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc, whose background thread gives freed memory back to the system
+/// (glibc's malloc keeps what idle connections used in its per-thread arenas).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     // First of all: nothing this process creates (data directory, sockets,
     // relay slots, images) is readable by other users.
@@ -17,6 +22,9 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         };
+    }
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("warning: jemalloc's background purging is off: {e}");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
