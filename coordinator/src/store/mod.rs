@@ -101,6 +101,35 @@ fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, St
     serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { tree, source })
 }
 
+/// Applies `f` to the record under `key` atomically; `None` when there is
+/// none. A record that does not decode is left exactly as it is and reported
+/// as [`StoreError::Corrupt`] (sled would delete the key if the update gave
+/// nothing back).
+fn update<T: Serialize + DeserializeOwned>(
+    tree: &Tree,
+    name: &'static str,
+    key: &[u8],
+    f: impl Fn(&mut T),
+) -> Result<Option<T>, StoreError> {
+    let mut last = None;
+    tree.update_and_fetch(key, |old| {
+        let old = old?;
+        match serde_json::from_slice::<T>(old) {
+            Ok(mut record) => {
+                f(&mut record);
+                let bytes = encode(&record);
+                last = Some(Ok(record));
+                Some(bytes)
+            }
+            Err(e) => {
+                last = Some(Err(e));
+                Some(old.to_vec())
+            }
+        }
+    })?;
+    last.transpose().map_err(|source| StoreError::Corrupt { tree: name, source })
+}
+
 fn revision_key(name: &GeneratorName, number: u32) -> Vec<u8> {
     let mut key = name.as_str().as_bytes().to_vec();
     key.push(0);
@@ -369,15 +398,7 @@ impl Store {
 
     /// Applies `f` to a build record atomically.
     pub fn update_build(&self, id: BuildId, f: impl Fn(&mut BuildRecord)) -> Result<BuildRecord, StoreError> {
-        let mut last = None;
-        self.builds.update_and_fetch(id.as_bytes(), |old| {
-            let mut b: BuildRecord = serde_json::from_slice(old?).ok()?;
-            f(&mut b);
-            let bytes = encode(&b);
-            last = Some(b);
-            Some(bytes)
-        })?;
-        last.ok_or_else(|| StoreError::NotFound(format!("build {id}")))
+        update(&self.builds, "builds", id.as_bytes(), f)?.ok_or_else(|| StoreError::NotFound(format!("build {id}")))
     }
 
     pub fn target(&self, id: TargetId) -> Result<Option<TargetRecord>, StoreError> {
@@ -386,15 +407,7 @@ impl Store {
 
     /// Applies `f` to a target record atomically and returns the new record.
     pub fn update_target(&self, id: TargetId, f: impl Fn(&mut TargetRecord)) -> Result<TargetRecord, StoreError> {
-        let mut last = None;
-        self.targets.update_and_fetch(id.as_bytes(), |old| {
-            let mut t: TargetRecord = serde_json::from_slice(old?).ok()?;
-            f(&mut t);
-            let bytes = encode(&t);
-            last = Some(t);
-            Some(bytes)
-        })?;
-        last.ok_or_else(|| StoreError::NotFound(format!("target {id}")))
+        update(&self.targets, "targets", id.as_bytes(), f)?.ok_or_else(|| StoreError::NotFound(format!("target {id}")))
     }
 
     /// Every target whose workflow has not ended.
@@ -593,6 +606,28 @@ mod tests {
         assert!(matches!(store.save_revision(spec("h"), "c".into(), now, false), Err(StoreError::NotFound(_))));
         let all = store.revisions(&"g".parse().unwrap()).unwrap();
         assert_eq!(all.iter().map(|r| r.script_sha256.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    }
+
+    // A target record that does not decode is reported as corrupt and left
+    // byte for byte as it was (an update must never delete it); a missing one
+    // is not found and stays missing.
+    #[test]
+    fn an_undecodable_record_is_kept_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SecretKey::ephemeral()).unwrap();
+        let id = TargetId::generate();
+        let garbage = br#"{"written_by":"a newer kiln"}"#;
+        store.targets.insert(id.as_bytes(), &garbage[..]).unwrap();
+        let err = store.update_target(id, |t| t.enrolled = true).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { tree: "targets", .. }), "{err:?}");
+        assert_eq!(store.targets.get(id.as_bytes()).unwrap().as_deref(), Some(&garbage[..]));
+        let missing = TargetId::generate();
+        assert!(matches!(store.update_target(missing, |t| t.enrolled = true), Err(StoreError::NotFound(_))));
+        assert!(store.targets.get(missing.as_bytes()).unwrap().is_none());
+        let build = BuildId::generate();
+        store.builds.insert(build.as_bytes(), &garbage[..]).unwrap();
+        assert!(matches!(store.update_build(build, |b| b.cancel_requested = true), Err(StoreError::Corrupt { .. })));
+        assert_eq!(store.builds.get(build.as_bytes()).unwrap().as_deref(), Some(&garbage[..]));
     }
 
     // Credentials an older kiln stored in plaintext are sealed at open and still read back.
