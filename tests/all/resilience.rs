@@ -11,22 +11,22 @@ fn seq(from: u64, to: u64) -> String {
     (from..=to).map(|i| format!("{i}\n")).collect()
 }
 
-// A proxy between agent and coordinator cuts every connection at 20 random
+// A proxy between agent and coordinator cuts every connection at 100 random
 // moments while the script writes 5 MB: the log is byte-identical.
 #[tokio::test]
-async fn log_survives_twenty_connection_cuts() {
+async fn log_survives_a_hundred_connection_cuts() {
     let bed = Bed::start().await;
     let proxy = ChaosProxy::start(bed.addrs().agent).await;
     bed.provider.route_agents_through(format!("https://{}", proxy.addr));
     bed.add_cloud("local").await;
     // 100 batches of 7,500 numbers, paced so the cuts land mid-stream: 5.1 MB.
-    let script = "i=0\nwhile [ $i -lt 100 ]; do seq $((i*7500+1)) $(((i+1)*7500)); i=$((i+1)); sleep 0.1; done\n";
+    let script = "i=0\nwhile [ $i -lt 100 ]; do seq $((i*7500+1)) $(((i+1)*7500)); i=$((i+1)); sleep 0.25; done\n";
     let build = bed.build_script("chaos", script, None).await;
     let target = build.targets[0].id;
 
     let chaos = async {
-        for _ in 0..20 {
-            let wait = rand::rng().random_range(50..400);
+        for _ in 0..100 {
+            let wait = rand::rng().random_range(50..300);
             tokio::time::sleep(Duration::from_millis(wait)).await;
             proxy.cut_all();
         }
@@ -39,7 +39,8 @@ async fn log_survives_twenty_connection_cuts() {
     assert_eq!(build.status, Status::Successful, "{build:#?}");
     assert!(log == expected.as_bytes(), "the live log differs from the script's output");
     assert!(bed.log(target).await == expected.as_bytes(), "the stored log differs from the script's output");
-    assert!(proxy.severed() >= 5, "only {} cuts hit a live connection", proxy.severed());
+    eprintln!("{} of 100 cuts hit a live connection", proxy.severed());
+    assert!(proxy.severed() >= 25, "only {} cuts hit a live connection", proxy.severed());
 }
 
 // The coordinator stopped mid-script and started again on the same data
