@@ -154,13 +154,7 @@ async fn bad_input_gets_clear_errors() {
     assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(resp.headers()["allow"], "GET,HEAD,POST");
     assert!(resp.json::<ErrorBody>().await.unwrap().message.contains("does not take DELETE"));
-    let ca = reqwest::Certificate::from_pem(bed.app().pki().ca_pem().as_bytes()).unwrap();
-    let anonymous = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
-        .build()
-        .unwrap();
+    let anonymous = bed.agent_client_without_certificate();
     for (method, path, status) in [
         (Method::GET, "/nowhere".to_string(), StatusCode::NOT_FOUND),
         (Method::DELETE, kiln_protocol::agent::paths::ENROLL.to_string(), StatusCode::METHOD_NOT_ALLOWED),

@@ -45,13 +45,7 @@ async fn a_log_past_its_quota_fails_the_target_and_keeps_the_log() {
 #[tokio::test]
 async fn the_agent_listener_checks_the_certificate_before_the_body() {
     let bed = Bed::start().await;
-    let ca = reqwest::Certificate::from_pem(bed.app().pki().ca_pem().as_bytes()).unwrap();
-    let anonymous = reqwest::Client::builder()
-        .use_rustls_tls()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(ca)
-        .build()
-        .unwrap();
+    let anonymous = bed.agent_client_without_certificate();
     let target = "0190a5d2-0000-7000-8000-000000000000";
     let log = paths::LOG.replace("{target}", target);
     let resp = anonymous
@@ -83,21 +77,10 @@ fn fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
-/// Waits (bounded) until process `pid` has at most `n` descriptors open.
-async fn until_fds_at_most(pid: i32, n: usize) -> bool {
-    for _ in 0..200 {
-        if fds(pid) <= n {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
-/// Waits (bounded, 60 s) until process `pid`'s resident memory is at most `kb` KiB.
-async fn until_rss_at_most(pid: i32, kb: u64) -> bool {
+/// Waits (bounded, 60 s) until `done()` holds; whether it did.
+async fn until(mut done: impl FnMut() -> bool) -> bool {
     for _ in 0..600 {
-        if rss_kb(pid) <= kb {
+        if done() {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -194,10 +177,10 @@ async fn idle_and_slow_connections_are_bounded_on_every_listener() {
         eprintln!("{IDLE} idle connections on port {port}: {took} KiB more, {grown} KiB above the start");
         assert!(grown <= IDLE_BUDGET_KB, "{IDLE} idle connections on port {port} cost {grown} KiB");
         drop(held);
-        assert!(until_fds_at_most(pid, open_before + 16).await, "the coordinator kept the closed connections open");
+        assert!(until(|| fds(pid) <= open_before + 16).await, "the coordinator kept the closed connections open");
         // Closing them gives back at least half of what they took (jemalloc
         // purges freed pages in the background within seconds).
-        let returned = until_rss_at_most(pid, start + took / 2).await;
+        let returned = until(|| rss_kb(pid) <= start + took / 2).await;
         eprintln!("closed again: {} KiB above where the round started", rss_kb(pid).saturating_sub(start));
         assert!(returned, "closing {IDLE} connections gave back less than half of their {took} KiB");
     }

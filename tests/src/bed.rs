@@ -253,6 +253,18 @@ impl Bed {
         }
     }
 
+    /// A client of the agent listener that trusts kiln's CA and shows no
+    /// client certificate.
+    pub fn agent_client_without_certificate(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.app().pki().ca_pem().as_bytes()).unwrap();
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()
+            .unwrap()
+    }
+
     /// The agent listener's URL and the CA that signs it.
     pub fn agent_url(&self) -> String {
         format!("https://{}", self.addrs.agent)
