@@ -36,9 +36,11 @@ pub enum StoreError {
     Locked(String),
     #[error("database error")]
     Sled(#[from] sled::Error),
-    #[error("a record in tree {tree} cannot be read")]
+    #[error("the record {key} in tree {tree} cannot be read; it is left as it is")]
     Corrupt {
         tree: &'static str,
+        /// The record's key, printable: ASCII as it is, other bytes escaped.
+        key: String,
         #[source]
         source: serde_json::Error,
     },
@@ -97,8 +99,33 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records always serialize")
 }
 
-fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { tree, source })
+/// A key as it can be printed: store ids are ASCII, anything else is escaped
+/// (a UUID key is shown as its hyphenated form).
+pub fn printable_key(key: &[u8]) -> String {
+    if let Ok(bytes) = <[u8; 16]>::try_from(key)
+        && key.iter().any(|b| !b.is_ascii_graphic())
+    {
+        return uuid::Uuid::from_bytes(bytes).hyphenated().to_string();
+    }
+    key.escape_ascii().to_string()
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt { tree, key: printable_key(key), source })
+}
+
+/// Decodes one record of a listing. A record that does not decode is logged
+/// with its tree and key and skipped (`None`): one bad record must not stop
+/// the server from listing, resuming or serving the others. It stays in its
+/// tree untouched, and reading it by its key reports [`StoreError::Corrupt`].
+fn decode_listed<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> Option<T> {
+    match decode(tree, key, bytes) {
+        Ok(record) => Some(record),
+        Err(e) => {
+            tracing::error!(error = %e, cause = %std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default(), "skipping a record in a listing");
+            None
+        }
+    }
 }
 
 /// Applies `f` to the record under `key` atomically; `None` when there is
@@ -127,7 +154,7 @@ fn update<T: Serialize + DeserializeOwned>(
             }
         }
     })?;
-    last.transpose().map_err(|source| StoreError::Corrupt { tree: name, source })
+    last.transpose().map_err(|source| StoreError::Corrupt { tree: name, key: printable_key(key), source })
 }
 
 fn revision_key(name: &GeneratorName, number: u32) -> Vec<u8> {
@@ -213,7 +240,7 @@ impl Store {
 
     fn open_value<T: DeserializeOwned>(&self, tree: &'static str, key: &[u8], sealed: &[u8]) -> Result<T, StoreError> {
         let plain = self.key.open(&context(tree, key), sealed).map_err(|source| StoreError::Sealed { tree, source })?;
-        decode(tree, &plain)
+        decode(tree, key, &plain)
     }
 
     /// Seals the credentials a kiln before sealing stored in plaintext. (sled
@@ -226,7 +253,7 @@ impl Store {
             if is_sealed(&value) {
                 continue;
             }
-            let credentials: CloudCredentials = decode("secrets", &value)?;
+            let credentials: CloudCredentials = decode("secrets", &name, &value)?;
             let new = self.seal_value("secrets", &name, &credentials);
             if self.secrets.compare_and_swap(&name, Some(&value), Some(new))?.is_ok() {
                 sealed += 1;
@@ -259,11 +286,16 @@ impl Store {
     }
 
     pub fn cloud(&self, name: &CloudName) -> Result<Option<Cloud>, StoreError> {
-        self.clouds.get(name.as_str())?.map(|v| decode("clouds", &v)).transpose()
+        self.clouds.get(name.as_str())?.map(|v| decode("clouds", name.as_str().as_bytes(), &v)).transpose()
     }
 
     pub fn clouds(&self) -> Result<Vec<Cloud>, StoreError> {
-        self.clouds.iter().values().map(|v| decode("clouds", &v?)).collect()
+        let mut out = Vec::new();
+        for kv in self.clouds.iter() {
+            let (k, v) = kv?;
+            out.extend(decode_listed("clouds", &k, &v));
+        }
+        Ok(out)
     }
 
     /// Removes a cloud and its credentials; false when there was none.
@@ -300,8 +332,11 @@ impl Store {
         let given = spec.secret_env.take();
         let trees = (&self.generators, &self.revisions, &self.secret_env);
         let result = trees.transaction(|(generators, revisions, secret_env)| {
-            let head: Option<GeneratorRecord> =
-                generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose().or_else(abort)?;
+            let head: Option<GeneratorRecord> = generators
+                .get(name.as_str())?
+                .map(|v| decode("generators", name.as_str().as_bytes(), &v))
+                .transpose()
+                .or_else(abort)?;
             let head = match (head, create) {
                 (Some(_), true) => {
                     return abort(StoreError::AlreadyExists(format!("generator {name}")));
@@ -341,15 +376,21 @@ impl Store {
     }
 
     pub fn generator(&self, name: &GeneratorName) -> Result<Option<GeneratorRecord>, StoreError> {
-        self.generators.get(name.as_str())?.map(|v| decode("generators", &v)).transpose()
+        self.generators.get(name.as_str())?.map(|v| decode("generators", name.as_str().as_bytes(), &v)).transpose()
     }
 
     pub fn generators(&self) -> Result<Vec<GeneratorRecord>, StoreError> {
-        self.generators.iter().values().map(|v| decode("generators", &v?)).collect()
+        let mut out = Vec::new();
+        for kv in self.generators.iter() {
+            let (k, v) = kv?;
+            out.extend(decode_listed("generators", &k, &v));
+        }
+        Ok(out)
     }
 
     pub fn revision(&self, name: &GeneratorName, number: u32) -> Result<Option<Revision>, StoreError> {
-        self.revisions.get(revision_key(name, number))?.map(|v| decode("revisions", &v)).transpose()
+        let key = revision_key(name, number);
+        self.revisions.get(&key)?.map(|v| decode("revisions", &key, &v)).transpose()
     }
 
     /// A revision's secret env (empty when it has none).
@@ -360,7 +401,12 @@ impl Store {
 
     /// All revisions of a generator, oldest first.
     pub fn revisions(&self, name: &GeneratorName) -> Result<Vec<Revision>, StoreError> {
-        self.revisions.scan_prefix(prefix(name.as_str())).values().map(|v| decode("revisions", &v?)).collect()
+        let mut out = Vec::new();
+        for kv in self.revisions.scan_prefix(prefix(name.as_str())) {
+            let (k, v) = kv?;
+            out.extend(decode_listed("revisions", &k, &v));
+        }
+        Ok(out)
     }
 
     // ---- builds and targets
@@ -378,14 +424,15 @@ impl Store {
     }
 
     pub fn build(&self, id: BuildId) -> Result<Option<BuildRecord>, StoreError> {
-        self.builds.get(id.as_bytes())?.map(|v| decode("builds", &v)).transpose()
+        self.builds.get(id.as_bytes())?.map(|v| decode("builds", id.as_bytes(), &v)).transpose()
     }
 
     /// Builds, newest first (ids are time-ordered), that pass `keep`, at most `limit`.
     pub fn builds(&self, limit: usize, keep: impl Fn(&BuildRecord) -> bool) -> Result<Vec<BuildRecord>, StoreError> {
         let mut out = Vec::new();
-        for v in self.builds.iter().values().rev() {
-            let b: BuildRecord = decode("builds", &v?)?;
+        for kv in self.builds.iter().rev() {
+            let (k, v) = kv?;
+            let Some(b) = decode_listed::<BuildRecord>("builds", &k, &v) else { continue };
             if keep(&b) {
                 out.push(b);
                 if out.len() == limit {
@@ -402,7 +449,7 @@ impl Store {
     }
 
     pub fn target(&self, id: TargetId) -> Result<Option<TargetRecord>, StoreError> {
-        self.targets.get(id.as_bytes())?.map(|v| decode("targets", &v)).transpose()
+        self.targets.get(id.as_bytes())?.map(|v| decode("targets", id.as_bytes(), &v)).transpose()
     }
 
     /// Applies `f` to a target record atomically and returns the new record.
@@ -413,8 +460,9 @@ impl Store {
     /// Every target whose workflow has not ended.
     pub fn unfinished_targets(&self) -> Result<Vec<TargetRecord>, StoreError> {
         let mut out = Vec::new();
-        for v in self.targets.iter().values() {
-            let t: TargetRecord = decode("targets", &v?)?;
+        for kv in self.targets.iter() {
+            let (k, v) = kv?;
+            let Some(t) = decode_listed::<TargetRecord>("targets", &k, &v) else { continue };
             if !t.status.is_terminal() {
                 out.push(t);
             }
@@ -429,8 +477,11 @@ impl Store {
     /// the token is now outstanding.
     pub fn offer_token(&self, hash: &str, record: &TokenRecord) -> Result<bool, StoreError> {
         let result = (&self.tokens, &self.targets).transaction(|(tokens, targets)| {
-            let target: Option<TargetRecord> =
-                targets.get(record.target.as_bytes())?.map(|v| decode("targets", &v)).transpose().or_else(abort)?;
+            let target: Option<TargetRecord> = targets
+                .get(record.target.as_bytes())?
+                .map(|v| decode("targets", record.target.as_bytes(), &v))
+                .transpose()
+                .or_else(abort)?;
             match target {
                 Some(t) if !t.enrolled && !t.status.is_terminal() => {
                     tokens.insert(hash.as_bytes(), encode(record))?;
@@ -455,7 +506,7 @@ impl Store {
             let Some(bytes) = tokens.get(hash.as_bytes())? else {
                 return Ok(Err(TokenRefusal::Unknown));
             };
-            let record: TokenRecord = decode("tokens", &bytes).or_else(abort)?;
+            let record: TokenRecord = decode("tokens", hash.as_bytes(), &bytes).or_else(abort)?;
             if record.target != target {
                 return Ok(Err(TokenRefusal::Unknown));
             }
@@ -466,7 +517,7 @@ impl Store {
             let Some(tb) = targets.get(target.as_bytes())? else {
                 return Ok(Err(TokenRefusal::Unknown));
             };
-            let mut t: TargetRecord = decode("targets", &tb).or_else(abort)?;
+            let mut t: TargetRecord = decode("targets", target.as_bytes(), &tb).or_else(abort)?;
             if t.enrolled || t.status.is_terminal() {
                 return Ok(Err(TokenRefusal::Unknown));
             }
@@ -493,7 +544,7 @@ impl Store {
     }
 
     pub fn cert(&self, serial: &str) -> Result<Option<CertRecord>, StoreError> {
-        self.certs.get(serial.as_bytes())?.map(|v| decode("certs", &v)).transpose()
+        self.certs.get(serial.as_bytes())?.map(|v| decode("certs", serial.as_bytes(), &v)).transpose()
     }
 
     // ---- masked logs
@@ -526,7 +577,7 @@ impl Store {
 
     /// The token whose secret hashes to `hash`.
     pub fn api_token(&self, hash: &str) -> Result<Option<ApiToken>, StoreError> {
-        self.api_tokens.get(hash)?.map(|v| decode("api_tokens", &v)).transpose()
+        self.api_tokens.get(hash)?.map(|v| decode("api_tokens", hash.as_bytes(), &v)).transpose()
     }
 
     /// Whether any API token exists.
@@ -536,8 +587,11 @@ impl Store {
 
     /// Every API token, oldest first.
     pub fn api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
-        let mut all =
-            self.api_tokens.iter().map(|kv| decode::<ApiToken>("api_tokens", &kv?.1)).collect::<Result<Vec<_>, _>>()?;
+        let mut all = Vec::new();
+        for kv in self.api_tokens.iter() {
+            let (k, v) = kv?;
+            all.extend(decode_listed::<ApiToken>("api_tokens", &k, &v));
+        }
         all.sort_by_key(|t| t.created_at);
         Ok(all)
     }
@@ -546,12 +600,37 @@ impl Store {
     pub fn remove_api_token(&self, id: &str) -> Result<bool, StoreError> {
         for kv in self.api_tokens.iter() {
             let (key, value) = kv?;
-            if decode::<ApiToken>("api_tokens", &value)?.id == id {
+            if decode_listed::<ApiToken>("api_tokens", &key, &value).is_some_and(|t| t.id == id) {
                 self.api_tokens.remove(key)?;
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// The record step in one transaction across `images` and `targets`: the
+    /// image is stored and `f` applied to the target (the caller moves it on
+    /// to clean-up), or neither is. A crash can never leave an image recorded
+    /// in one tree and not the other, so undo never deletes a recorded image.
+    /// A target that does not decode is reported as [`StoreError::Corrupt`]
+    /// and nothing is written.
+    pub fn record_output(
+        &self,
+        target: TargetId,
+        image: &Image,
+        f: impl Fn(&mut TargetRecord),
+    ) -> Result<TargetRecord, StoreError> {
+        let result = (&self.images, &self.targets).transaction(|(images, targets)| {
+            let Some(bytes) = targets.get(target.as_bytes())? else {
+                return abort(StoreError::NotFound(format!("target {target}")));
+            };
+            let mut t: TargetRecord = decode("targets", target.as_bytes(), &bytes).or_else(abort)?;
+            f(&mut t);
+            images.insert(image.name.as_bytes(), encode(image))?;
+            targets.insert(target.as_bytes(), encode(&t))?;
+            Ok(t)
+        });
+        tx(result)
     }
 
     pub fn insert_image(&self, image: &Image) -> Result<(), StoreError> {
@@ -560,12 +639,16 @@ impl Store {
     }
 
     pub fn image(&self, name: &str) -> Result<Option<Image>, StoreError> {
-        self.images.get(name.as_bytes())?.map(|v| decode("images", &v)).transpose()
+        self.images.get(name.as_bytes())?.map(|v| decode("images", name.as_bytes(), &v)).transpose()
     }
 
     /// Images, oldest first.
     pub fn images(&self) -> Result<Vec<Image>, StoreError> {
-        let mut all = self.images.iter().values().map(|v| decode("images", &v?)).collect::<Result<Vec<Image>, _>>()?;
+        let mut all = Vec::new();
+        for kv in self.images.iter() {
+            let (k, v) = kv?;
+            all.extend(decode_listed::<Image>("images", &k, &v));
+        }
         all.sort_by_key(|i| i.created_at);
         Ok(all)
     }
@@ -628,6 +711,153 @@ mod tests {
         store.builds.insert(build.as_bytes(), &garbage[..]).unwrap();
         assert!(matches!(store.update_build(build, |b| b.cancel_requested = true), Err(StoreError::Corrupt { .. })));
         assert_eq!(store.builds.get(build.as_bytes()).unwrap().as_deref(), Some(&garbage[..]));
+        // The error names the tree and the key, so the operator can find the record.
+        let message = StoreError::Corrupt {
+            tree: "targets",
+            key: printable_key(id.as_bytes()),
+            source: serde_json::from_slice::<TargetRecord>(garbage).unwrap_err(),
+        }
+        .to_string();
+        assert!(message.contains("targets") && message.contains(&id.to_string()), "{message}");
+        match store.target(id).unwrap_err() {
+            StoreError::Corrupt { tree, key, .. } => assert_eq!((tree, key), ("targets", id.to_string())),
+            other => panic!("{other:?}"),
+        }
+        // Listings log the bad record and serve the rest; the bad one stays as it was.
+        let good = sample_target();
+        store.insert_build(&sample_build(&good), std::slice::from_ref(&good)).unwrap();
+        let unfinished: Vec<TargetId> = store.unfinished_targets().unwrap().iter().map(|t| t.id).collect();
+        assert_eq!(unfinished, vec![good.id]);
+        let builds: Vec<BuildId> = store.builds(10, |_| true).unwrap().iter().map(|b| b.id).collect();
+        assert_eq!(builds, vec![good.build]);
+        store.images.insert(b"bad-image", &garbage[..]).unwrap();
+        assert!(store.images().unwrap().is_empty());
+        assert!(matches!(store.image("bad-image"), Err(StoreError::Corrupt { tree: "images", .. })));
+        assert_eq!(store.targets.get(id.as_bytes()).unwrap().as_deref(), Some(&garbage[..]));
+    }
+
+    // Keys print as they are when ASCII, as a UUID when they are one, escaped otherwise.
+    #[test]
+    fn keys_print_readably() {
+        let id = TargetId::generate();
+        let cases: [(&[u8], String); 3] = [
+            (b"my-cloud", "my-cloud".into()),
+            (id.as_bytes(), id.to_string()),
+            (b"gen\x00\x00\x00\x00\x02", "gen\\x00\\x00\\x00\\x00\\x02".into()),
+        ];
+        for (key, printed) in cases {
+            assert_eq!(printable_key(key), printed);
+        }
+    }
+
+    fn sample_target() -> TargetRecord {
+        use kiln_protocol::agent::Instruction;
+        use kiln_protocol::api::{CloudKind, Status, Step, TargetSpec, Timings};
+        TargetRecord {
+            id: TargetId::generate(),
+            build: BuildId::generate(),
+            cloud: Cloud {
+                name: "local".parse().unwrap(),
+                kind: CloudKind::Qemu,
+                region: None,
+                endpoint: None,
+                options: Default::default(),
+                credentials: None,
+            },
+            spec: TargetSpec {
+                base_image: "base".into(),
+                instance_type: None,
+                network: None,
+                options: Default::default(),
+            },
+            generator: "g".parse().unwrap(),
+            revision: 1,
+            status: Status::Running,
+            step: Step::Record,
+            error: None,
+            instance: Some("i-1".into()),
+            image_id: Some("ami-1".into()),
+            image: None,
+            enrolled: true,
+            enrolled_key: None,
+            cert_serial: None,
+            outcome: None,
+            reported_total: None,
+            instruction: Instruction::Wait,
+            seal: None,
+            timings: Timings::default(),
+        }
+    }
+
+    fn sample_build(target: &TargetRecord) -> BuildRecord {
+        BuildRecord {
+            id: target.build,
+            generator: target.generator.clone(),
+            revision: 1,
+            script_sha256: "00".repeat(32),
+            created_at: Timestamp::now(),
+            targets: vec![target.id],
+            cancel_requested: false,
+        }
+    }
+
+    fn sample_image(target: &TargetRecord) -> Image {
+        use kiln_protocol::api::Provenance;
+        Image {
+            id: "ami-1".into(),
+            name: format!("kiln-{}", target.id),
+            cloud: target.cloud.name.clone(),
+            created_at: Timestamp::now(),
+            size_bytes: Some(1),
+            virtual_size_bytes: None,
+            sha256: None,
+            provenance: Provenance {
+                build: target.build,
+                target: target.id,
+                generator: target.generator.clone(),
+                revision: 1,
+                script_sha256: "00".repeat(32),
+                cloud: target.cloud.name.clone(),
+                base_image: "base".into(),
+            },
+        }
+    }
+
+    // The record step writes the image and moves the target on together, or
+    // writes nothing: a missing or corrupt target leaves no image behind.
+    #[test]
+    fn record_output_is_one_transaction() {
+        use kiln_protocol::api::Step;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), SecretKey::ephemeral()).unwrap();
+        let t = sample_target();
+        store.insert_build(&sample_build(&t), std::slice::from_ref(&t)).unwrap();
+        let image = sample_image(&t);
+        let recorded = store
+            .record_output(t.id, &image, |r| {
+                r.image = Some(image.clone());
+                r.step = Step::CleanUp;
+            })
+            .unwrap();
+        assert_eq!(recorded.step, Step::CleanUp);
+        assert_eq!(store.target(t.id).unwrap().unwrap().image, Some(image.clone()));
+        assert_eq!(store.image(&image.name).unwrap(), Some(image.clone()));
+
+        let missing = sample_target();
+        let other = sample_image(&missing);
+        assert!(matches!(store.record_output(missing.id, &other, |_| {}), Err(StoreError::NotFound(_))));
+        assert_eq!(store.image(&other.name).unwrap(), None);
+
+        let corrupt = TargetId::generate();
+        store.targets.insert(corrupt.as_bytes(), &b"{}"[..]).unwrap();
+        let mut third = sample_image(&missing);
+        third.name = "third".into();
+        assert!(matches!(
+            store.record_output(corrupt, &third, |_| {}),
+            Err(StoreError::Corrupt { tree: "targets", .. })
+        ));
+        assert_eq!(store.image("third").unwrap(), None);
+        assert_eq!(store.targets.get(corrupt.as_bytes()).unwrap().as_deref(), Some(&b"{}"[..]));
     }
 
     // Credentials an older kiln stored in plaintext are sealed at open and still read back.
