@@ -9,6 +9,7 @@
 //! [`SecretKey`], bound to their tree and key; no other tree holds any.
 
 pub mod logs;
+mod migrate;
 pub mod records;
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use records::{BuildRecord, CertRecord, GeneratorRecord, MaskCursor, TargetRecord
 use crate::secrets::{SealError, SecretKey, key::is_sealed};
 
 /// The layout version this code reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +45,16 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("the data directory has schema version {found}, this kiln reads version {expected}")]
-    SchemaMismatch { found: u32, expected: u32 },
+    #[error(
+        "the data directory has schema version {found}, written by a newer kiln; this kiln knows versions up to {known}: run the kiln that wrote it (or a newer one)"
+    )]
+    SchemaNewer { found: u32, known: u32 },
+    #[error(
+        "the data directory has schema version {found}, which this kiln (schema {known}) cannot migrate; upgrade through an intermediate kiln release"
+    )]
+    SchemaTooOld { found: u32, known: u32 },
+    #[error("the data directory's schema version cannot be read")]
+    SchemaUnreadable,
     #[error("{0} not found")]
     NotFound(String),
     #[error("{0} already exists")]
@@ -202,18 +211,7 @@ impl Store {
             }
             other => StoreError::Sled(other),
         })?;
-        match db.get(SCHEMA_KEY)? {
-            None => {
-                db.insert(SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
-            }
-            Some(v) => {
-                let found = u32::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 4]));
-                if found != SCHEMA_VERSION {
-                    return Err(StoreError::SchemaMismatch { found, expected: SCHEMA_VERSION });
-                }
-            }
-        }
+        migrate::migrate(&db)?;
         let store = Self {
             clouds: db.open_tree("clouds")?,
             generators: db.open_tree("generators")?,
@@ -907,7 +905,7 @@ mod tests {
             db.flush().unwrap();
         }
         let err = Store::open(dir.path(), SecretKey::ephemeral()).unwrap_err();
-        assert!(matches!(err, StoreError::SchemaMismatch { found: 99, .. }), "{err}");
+        assert!(matches!(err, StoreError::SchemaNewer { found: 99, .. }), "{err}");
     }
 
     // A second coordinator on the same data directory is told what to do.
