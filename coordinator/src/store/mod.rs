@@ -8,6 +8,8 @@
 //! while they may begin a secret) are sealed with the data directory's
 //! [`SecretKey`], bound to their tree and key; no other tree holds any.
 
+#[cfg(test)]
+mod fixture;
 pub mod logs;
 mod migrate;
 pub mod records;
@@ -748,7 +750,7 @@ mod tests {
         }
     }
 
-    fn sample_target() -> TargetRecord {
+    pub(super) fn sample_target() -> TargetRecord {
         use kiln_protocol::agent::Instruction;
         use kiln_protocol::api::{CloudKind, Status, Step, TargetSpec, Timings};
         TargetRecord {
@@ -787,7 +789,7 @@ mod tests {
         }
     }
 
-    fn sample_build(target: &TargetRecord) -> BuildRecord {
+    pub(super) fn sample_build(target: &TargetRecord) -> BuildRecord {
         BuildRecord {
             id: target.build,
             generator: target.generator.clone(),
@@ -799,7 +801,7 @@ mod tests {
         }
     }
 
-    fn sample_image(target: &TargetRecord) -> Image {
+    pub(super) fn sample_image(target: &TargetRecord) -> Image {
         use kiln_protocol::api::Provenance;
         Image {
             id: "ami-1".into(),
