@@ -13,12 +13,14 @@
 //! - [`egress`]: the filtering HTTP proxy that is local VMs' only way out.
 //! - [`secrets`]: the sealing key, log masking, the data directory's modes.
 //! - [`config`]: settings and their defaults.
+//! - [`failpoint`]: where crash tests stop the coordinator (a test-only feature).
 
 pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod egress;
+pub mod failpoint;
 pub mod pki;
 pub mod providers;
 pub mod secrets;

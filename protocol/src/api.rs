@@ -351,6 +351,11 @@ pub struct Target {
     pub timings: Timings,
     /// Bytes of log committed so far.
     pub log_bytes: u64,
+    /// Set while the target unwinds and the cloud keeps refusing to remove
+    /// what it made: what is left and the cloud's last answer. Removal is
+    /// retried with backoff; the target ends only once it is clean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_pending: Option<String>,
 }
 
 /// A build and its targets.

@@ -214,6 +214,46 @@ async fn failure_at_each_step_leaves_nothing_behind() {
     env.runner.wait_no_vms(Duration::from_secs(30)).await.expect("every VM stopped");
 }
 
+// EC2 keeps throttling TerminateInstances while a failed target unwinds: the
+// target shows `cleanup_pending` with EC2's answer and does not end; once
+// EC2 answers, the instance is terminated and the target ends failed, clean.
+#[tokio::test]
+async fn a_refused_terminate_is_retried_and_shown_as_cleanup_pending() {
+    let env = Ec2Bed::start(&["us-east-1"], Metadata::Imds).await;
+    let proxy = env.cloud("flaky", "us-east-1", json!({})).await;
+    // Three SDK attempts per try: three tries are refused, the fourth passes.
+    proxy.inject("TerminateInstances", Fault::Throttle { times: 9 });
+    env.generator("fails", "echo failing\nexit 3\n", &[("flaky", "us-east-1")]).await;
+    let build = env.bed.start_build("fails").await;
+    let target = build.targets[0].id;
+    let pending = async {
+        let mut changes = env.bed.app().subscribe_changes();
+        loop {
+            changes.mark_unchanged();
+            let b: Build = env.bed.client.get(&format!("/v1/builds/{}", build.id)).await.unwrap();
+            let t = b.targets.into_iter().find(|t| t.id == target).unwrap();
+            if let Some(pending) = t.cleanup_pending {
+                return (t.status, pending);
+            }
+            assert!(!t.status.is_terminal(), "the target ended without a pending clean-up: {t:#?}");
+            let _ = changes.changed().await;
+        }
+    };
+    let (status, pending) = tokio::time::timeout(Duration::from_secs(120), pending).await.expect("cleanup pending");
+    assert!(!status.is_terminal(), "a target is not reported ended while its clean-up is pending");
+    assert!(pending.contains("could not be terminated") && pending.contains("RequestLimitExceeded"), "{pending}");
+
+    let done = env.bed.wait(&build).await;
+    let t = &done.targets[0];
+    assert_eq!(done.status, Status::Failed, "{done:#?}");
+    assert_eq!(t.error.as_ref().unwrap().reason, FailureReason::ScriptFailed);
+    assert_eq!(t.cleanup_pending, None, "{t:#?}");
+    assert!(!t.error.as_ref().unwrap().message.contains("by hand"), "{t:#?}");
+    assert!(env.live_instances("us-east-1").await.is_empty(), "the instance was terminated");
+    assert_eq!(proxy.calls()["TerminateInstances"], 10, "three refused tries of three attempts, then one");
+    env.runner.wait_no_vms(Duration::from_secs(30)).await.expect("every VM stopped");
+}
+
 // The coordinator killed right after RunInstances and started again: no
 // second instance is launched, and the build finishes.
 #[tokio::test]

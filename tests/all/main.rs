@@ -7,6 +7,7 @@ mod boot_hook;
 mod builds;
 mod cli;
 mod confinement;
+mod crash;
 mod ec2;
 mod ec2_bed;
 mod ec2_identity;

@@ -30,8 +30,19 @@ impl KilnProcess {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = Command::new(crate::kiln_binary())
+        Self::spawn_with(&crate::kiln_binary(), args, cwd, &[])
+    }
+
+    /// Starts `binary ARGS` in `cwd` with `env` added, e.g. the failpoints
+    /// build of kiln ([`crate::failpoint_kiln_binary`]) with `KILN_FAILPOINT`.
+    pub fn spawn_with<I, S>(binary: &Path, args: I, cwd: &Path, env: &[(&str, &str)]) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut child = Command::new(binary)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(cwd)
             .env("KILN_LOG", "info")
             .env("KILN_AGENT_BINARY", crate::agent_binary())

@@ -53,6 +53,21 @@ pub fn kiln_binary() -> PathBuf {
     std::path::absolute(path).expect("absolute path")
 }
 
+/// `kiln` built with the `failpoints` feature (scripts/test builds it as
+/// target/debug/kiln-failpoints); `KILN_FAILPOINT_BINARY` overrides the path.
+pub fn failpoint_kiln_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("KILN_FAILPOINT_BINARY") {
+        return PathBuf::from(p);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kiln-failpoints");
+    assert!(
+        path.exists(),
+        "kiln-failpoints is missing at {}: run the tests with `scripts/test`, which builds it first",
+        path.display()
+    );
+    std::path::absolute(path).expect("absolute path")
+}
+
 /// kiln's tiny base image (its `image.json`), built once per test run by the
 /// recipe in bootstrap/image and cached under target/kiln-cache by the hash of
 /// its inputs. `KILN_TINY_IMAGE` overrides the path.

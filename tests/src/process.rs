@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use kiln_coordinator::providers::{
-    AgentEndpoints, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    AgentEndpoints, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
     Served,
 };
 use kiln_protocol::agent::Instruction;
@@ -199,13 +199,13 @@ impl Provider for ProcessProvider {
         Ok(ImageId(path.display().to_string()))
     }
 
-    async fn wait_image(&self, _cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError> {
+    async fn image_state(&self, _cloud: &Cloud, image: &ImageId) -> Result<ImageProgress, ProviderError> {
         let bytes = std::fs::read(&image.0).map_err(|_| not_found(format!("image {image}")))?;
-        Ok(ImageInfo {
+        Ok(ImageProgress::Ready(ImageInfo {
             size_bytes: Some(bytes.len() as u64),
             virtual_size_bytes: None,
             sha256: Some(hex::encode(Sha256::digest(&bytes))),
-        })
+        }))
     }
 
     async fn terminate(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {

@@ -96,6 +96,7 @@ impl App {
                 reported_total: None,
                 instruction: Instruction::Wait,
                 seal: None,
+                cleanup_pending: None,
                 timings: Timings { created_at: Some(now), ..Timings::default() },
             });
         }
@@ -283,6 +284,7 @@ impl App {
             error: t.error,
             timings: t.timings,
             log_bytes,
+            cleanup_pending: t.cleanup_pending,
         })
     }
 

@@ -299,6 +299,9 @@ fn build_table(b: &Build) -> Table {
             t.row(vec!["  phases:".into(), p.join(", ")]);
         }
         t.row(vec!["  log:".into(), format!("{} bytes", target.log_bytes)]);
+        if let Some(pending) = &target.cleanup_pending {
+            t.row(vec!["  cleanup pending:".into(), pending.clone()]);
+        }
         if let Some(e) = &target.error {
             t.row(vec!["  error:".into(), format!("{:?} at {}", e.reason, e.step.as_str())]);
             for line in e.message.lines() {

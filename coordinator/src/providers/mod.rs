@@ -119,6 +119,15 @@ pub struct ImageInfo {
     pub sha256: Option<String>,
 }
 
+/// Where an image being made stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageProgress {
+    /// Still being made (or copied).
+    Pending,
+    /// Usable, with what the cloud says about it.
+    Ready(ImageInfo),
+}
+
 /// How a cloud call failed, which decides what the workflow does next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProviderErrorKind {
@@ -246,8 +255,16 @@ pub trait Provider: Send + Sync + 'static {
         provenance: &Provenance,
     ) -> Result<ImageId, ProviderError>;
 
-    /// Waits until the image is usable.
-    async fn wait_image(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError>;
+    /// One look at an image being made (one API call where the cloud allows;
+    /// on EC2 also one step of each regional copy). The workflow polls this,
+    /// so a transient error costs one poll, not the whole wait. A failed
+    /// image is an error.
+    async fn image_state(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageProgress, ProviderError>;
+
+    /// The longest an image may take to become usable after `start_image`.
+    fn image_timeout(&self, _cloud: &Cloud) -> Duration {
+        Duration::from_secs(3600)
+    }
 
     /// Terminates an instance; "not found" is success.
     async fn terminate(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError>;

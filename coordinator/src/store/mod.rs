@@ -785,6 +785,7 @@ mod tests {
             reported_total: None,
             instruction: Instruction::Wait,
             seal: None,
+            cleanup_pending: None,
             timings: Timings::default(),
         }
     }

@@ -67,6 +67,9 @@ pub struct TargetRecord {
     /// made of a sealed target without it.
     #[serde(default)]
     pub seal: Option<SealReport>,
+    /// What an unwind could not remove yet (a transient cloud error); retried.
+    #[serde(default)]
+    pub cleanup_pending: Option<String>,
 }
 
 impl TargetRecord {

@@ -12,11 +12,13 @@ mod steps;
 mod undo;
 
 use kiln_protocol::TargetId;
-use kiln_protocol::api::FailureReason;
+use kiln_protocol::api::{FailureReason, Step};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::{App, AppError};
+use crate::failpoint;
+use crate::store::records::TargetRecord;
 use crate::store::StoreError;
 
 /// Why a step did not complete.
@@ -99,6 +101,17 @@ fn fresh_interrupt(app: &App, id: TargetId) -> CancellationToken {
     token
 }
 
+/// One forward step; with the failpoints feature's `KILN_REPEAT_STEPS=1`,
+/// twice, the second time from the record as it was before the first.
+async fn run_step(app: &App, t: &TargetRecord, step: Step) -> Result<(), StepError> {
+    steps::run(app, t, step).await?;
+    if failpoint::repeat_steps() {
+        tracing::info!(step = step.as_str(), "step run again from its stale record");
+        steps::run(app, t, step).await?;
+    }
+    Ok(())
+}
+
 async fn run(app: &App, id: TargetId) {
     let mut interrupt = fresh_interrupt(app, id);
     loop {
@@ -127,7 +140,7 @@ async fn run(app: &App, id: TargetId) {
             plan::Next::Run(step) => {
                 tracing::debug!(step = step.as_str(), "step");
                 tokio::select! {
-                    r = steps::run(app, &t, step) => r,
+                    r = run_step(app, &t, step) => r,
                     () = interrupt.cancelled() => Err(StepError::Interrupted),
                 }
             }

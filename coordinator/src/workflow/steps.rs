@@ -10,9 +10,10 @@ use kiln_protocol::api::{FailureReason, Image, Provenance, Status, Step};
 use tokio::time::Instant;
 
 use super::StepError;
+use crate::failpoint;
 use crate::app::App;
 use crate::pki::TokenHash;
-use crate::providers::{ImageId, InstanceId, InstanceState, Launch, Provider, ProviderError};
+use crate::providers::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError};
 use crate::store::records::{TargetRecord, TokenRecord};
 
 /// Extra time past the script's timeout before the coordinator gives up on
@@ -20,6 +21,8 @@ use crate::store::records::{TargetRecord, TokenRecord};
 const REPORT_GRACE: Duration = Duration::from_secs(120);
 /// How many log lines a failure message quotes.
 const TAIL_LINES: usize = 20;
+/// Transient errors in a row that an image poll rides out before failing.
+const MAX_TRANSIENT_POLLS: u32 = 10;
 
 pub(super) async fn run(app: &App, t: &TargetRecord, step: Step) -> Result<(), StepError> {
     let provider = provider(app, t)?;
@@ -31,8 +34,10 @@ pub(super) async fn run(app: &App, t: &TargetRecord, step: Step) -> Result<(), S
         Step::Seal => seal(app, t, &provider).await,
         Step::Snapshot => snapshot(app, t, &provider).await,
         Step::Record => record(app, t).await,
-        Step::CleanUp | Step::Done => clean_up(app, t, &provider).await,
-    }
+        Step::CleanUp | Step::Done => return clean_up(app, t, &provider).await,
+    }?;
+    failpoint::hit(&format!("step-done:{}", step.as_str())).await;
+    Ok(())
 }
 
 pub(super) fn provider(app: &App, t: &TargetRecord) -> Result<Arc<dyn Provider>, StepError> {
@@ -52,7 +57,7 @@ pub(super) fn with_credentials(app: &App, t: &TargetRecord) -> Result<TargetReco
 }
 
 /// Retries transient provider errors with backoff; others fail the target.
-pub(super) async fn call<T, F, Fut>(what: &str, f: F) -> Result<T, StepError>
+async fn call<T, F, Fut>(what: &str, f: F) -> Result<T, StepError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, ProviderError>>,
@@ -119,7 +124,9 @@ async fn launch(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Re
         name: format!("kiln-{}-r{}-{}", t.generator, t.revision, t.id),
         provenance: &provenance,
     };
+    failpoint::hit("launch:before-call").await;
     let id = call("launch", || provider.launch(&request)).await?;
+    failpoint::hit("launch:after-call").await;
     tracing::info!(instance = %id, "launched");
     advance(app, t, |r| {
         r.instance = Some(id.0.clone());
@@ -361,12 +368,15 @@ async fn snapshot(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> 
     let image = match &t.image_id {
         Some(id) => ImageId(id.clone()),
         None => {
+            failpoint::hit("start-image:before-call").await;
             let id = call("create image", || provider.start_image(&t.cloud, &instance, &name, &provenance)).await?;
+            failpoint::hit("start-image:after-call").await;
             advance(app, t, |r| r.image_id = Some(id.0.clone())).await?;
             id
         }
     };
-    let info = call("wait for image", || provider.wait_image(&t.cloud, &image)).await?;
+    let info = wait_image(app, t, provider, &image).await?;
+    failpoint::hit("wait-image:ready").await;
     let now = Timestamp::now();
     let record = Image {
         id: image.0.clone(),
@@ -388,16 +398,52 @@ async fn snapshot(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> 
     Ok(())
 }
 
+/// Polls the image until it is usable: one look per poll, and a transient
+/// error costs that poll only (retried at the next), not the whole wait.
+async fn wait_image(
+    app: &App,
+    t: &TargetRecord,
+    provider: &Arc<dyn Provider>,
+    image: &ImageId,
+) -> Result<ImageInfo, StepError> {
+    let poll = provider.poll_interval(&t.cloud).unwrap_or(app.0.config.timeouts.poll_interval);
+    let limit = provider.image_timeout(&t.cloud);
+    let deadline = remaining(t.timings.sealed_at, limit);
+    let mut transient = 0u32;
+    loop {
+        match provider.image_state(&t.cloud, image).await {
+            Ok(ImageProgress::Ready(info)) => return Ok(info),
+            Ok(ImageProgress::Pending) => transient = 0,
+            Err(e) if e.is_transient() && transient < MAX_TRANSIENT_POLLS => {
+                transient += 1;
+                tracing::warn!(error = %e, transient, "image state: retrying at the next poll");
+            }
+            Err(e) => return Err(StepError::fail(FailureReason::Provider, format!("wait for image: {e}"))),
+        }
+        if Instant::now() >= deadline {
+            return Err(StepError::fail(
+                FailureReason::Provider,
+                format!("image {image} was not usable within {}s; raise the cloud's image_timeout_secs", limit.as_secs()),
+            ));
+        }
+        tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
 async fn record(app: &App, t: &TargetRecord) -> Result<(), StepError> {
     let image = t.image.clone().ok_or_else(|| StepError::fail(FailureReason::Internal, "no image to record"))?;
-    app.0.store.insert_image(&image)?;
-    advance(app, t, |r| r.step = Step::CleanUp).await?;
+    // One transaction: the image is never recorded without the step moving
+    // past it, so an unwind can never delete a recorded image.
+    app.0.store.record_output(t.id, &image, |r| r.step = Step::CleanUp)?;
+    app.0.store.flush().await?;
+    app.notify();
     Ok(())
 }
 
 async fn clean_up(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
     if let Some(instance) = t.instance.clone().map(InstanceId) {
         call("terminate", || provider.terminate(&t.cloud, &instance)).await?;
+        failpoint::hit("terminate:after-call").await;
     }
     advance(app, t, |r| {
         r.step = Step::Done;

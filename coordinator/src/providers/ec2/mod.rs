@@ -27,12 +27,11 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 use kiln_protocol::agent::InstanceIdentity;
 use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
-use tokio::time::Instant;
 
 use self::client::Clients;
 use self::settings::{IdentityCheck, Settings};
 use super::{
-    IdentityRefused, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    IdentityRefused, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
 };
 
 /// Runs targets on EC2-compatible clouds.
@@ -305,13 +304,28 @@ impl Provider for Ec2Provider {
             .ok_or_else(|| ProviderError::new(ProviderErrorKind::Failed, "CreateImage returned no image id"))
     }
 
-    async fn wait_image(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError> {
+    async fn image_state(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageProgress, ProviderError> {
         let (ec2, settings) = self.client(cloud).await?;
-        let info = wait_available(&ec2, &image.0, &settings).await?;
+        let ImageProgress::Ready(info) = look_at(&ec2, &image.0).await? else {
+            return Ok(ImageProgress::Pending);
+        };
+        // Then each regional copy: started once, and looked at once per poll.
+        let mut pending = false;
         for region in &settings.copy_to_regions {
-            self.copy(cloud, &ec2, &image.0, region, &settings).await?;
+            let dest = self.clients.get(cloud, region).await;
+            match copies_of(&dest, &image.0).await?.first() {
+                None => {
+                    start_copy(&ec2, &dest, &image.0, region, &settings).await?;
+                    pending = true;
+                }
+                Some(copy) => pending |= look_at(&dest, copy).await? == ImageProgress::Pending,
+            }
         }
-        Ok(info)
+        Ok(if pending { ImageProgress::Pending } else { ImageProgress::Ready(info) })
+    }
+
+    fn image_timeout(&self, cloud: &Cloud) -> Duration {
+        Settings::of(cloud).map(|s| s.image_timeout).unwrap_or(Duration::from_secs(3600))
     }
 
     async fn terminate(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {
@@ -339,50 +353,40 @@ impl Provider for Ec2Provider {
     }
 }
 
-impl Ec2Provider {
-    /// Copies an available image to `region`, with its tags, and waits for the copy.
-    async fn copy(
-        &self,
-        cloud: &Cloud,
-        source: &Client,
-        image: &str,
-        region: &str,
-        settings: &Settings,
-    ) -> Result<(), ProviderError> {
-        let dest = self.clients.get(cloud, region).await;
-        if !copies_of(&dest, image).await?.is_empty() {
-            return Ok(());
-        }
-        let described =
-            source.describe_images().image_ids(image).send().await.map_err(|e| errors::map("DescribeImages", e))?;
-        let Some(src) = described.images().first() else {
-            return Err(ProviderError::new(
-                ProviderErrorKind::NotFound,
-                format!("image {image} vanished before its copy"),
-            ));
-        };
-        let out = dest
-            .copy_image()
-            .source_region(&settings.region)
-            .source_image_id(image)
-            .name(src.name().unwrap_or(image))
-            .description(src.description().unwrap_or_default())
-            .send()
-            .await
-            .map_err(|e| errors::map(&format!("CopyImage to {region}"), e))?;
-        let copy = out.image_id().unwrap_or_default().to_owned();
-        let mut tags = src.tags().to_vec();
-        tags.push(Tag::builder().key("kiln:source-image").value(image).build());
-        dest.create_tags()
-            .resources(&copy)
-            .set_tags(Some(tags))
-            .send()
-            .await
-            .map_err(|e| errors::map("CreateTags on the copy", e))?;
-        wait_available(&dest, &copy, settings).await?;
-        tracing::info!(%image, %copy, region, "image copied");
-        Ok(())
-    }
+/// Starts copying an available image to `region`, with its tags (and a
+/// `kiln:source-image` tag by which its copy is found again).
+async fn start_copy(
+    source: &Client,
+    dest: &Client,
+    image: &str,
+    region: &str,
+    settings: &Settings,
+) -> Result<(), ProviderError> {
+    let described =
+        source.describe_images().image_ids(image).send().await.map_err(|e| errors::map("DescribeImages", e))?;
+    let Some(src) = described.images().first() else {
+        return Err(ProviderError::new(ProviderErrorKind::NotFound, format!("image {image} vanished before its copy")));
+    };
+    let out = dest
+        .copy_image()
+        .source_region(&settings.region)
+        .source_image_id(image)
+        .name(src.name().unwrap_or(image))
+        .description(src.description().unwrap_or_default())
+        .send()
+        .await
+        .map_err(|e| errors::map(&format!("CopyImage to {region}"), e))?;
+    let copy = out.image_id().unwrap_or_default().to_owned();
+    let mut tags = src.tags().to_vec();
+    tags.push(Tag::builder().key("kiln:source-image").value(image).build());
+    dest.create_tags()
+        .resources(&copy)
+        .set_tags(Some(tags))
+        .send()
+        .await
+        .map_err(|e| errors::map("CreateTags on the copy", e))?;
+    tracing::info!(%image, %copy, region, "image copy started");
+    Ok(())
 }
 
 async fn copies_of(ec2: &Client, image: &str) -> Result<Vec<String>, ProviderError> {
@@ -396,44 +400,31 @@ async fn copies_of(ec2: &Client, image: &str) -> Result<Vec<String>, ProviderErr
     Ok(out.images().iter().filter_map(|i| i.image_id().map(String::from)).collect())
 }
 
-/// Polls the image until it is available, at most `settings.image_timeout`.
-async fn wait_available(ec2: &Client, image: &str, settings: &Settings) -> Result<ImageInfo, ProviderError> {
-    let deadline = Instant::now() + settings.image_timeout;
-    loop {
-        let out = ec2.describe_images().image_ids(image).send().await.map_err(|e| errors::map("DescribeImages", e))?;
-        let Some(found) = out.images().first() else {
-            return Err(ProviderError::new(ProviderErrorKind::NotFound, format!("image {image} disappeared")));
-        };
-        match found.state() {
-            Some(ImageState::Available) => {
-                let gib: i64 = found
-                    .block_device_mappings()
-                    .iter()
-                    .filter_map(|m| m.ebs().and_then(|e| e.volume_size()))
-                    .map(i64::from)
-                    .sum();
-                return Ok(ImageInfo {
-                    size_bytes: None,
-                    virtual_size_bytes: (gib > 0).then(|| gib as u64 * (1 << 30)),
-                    sha256: None,
-                });
-            }
-            Some(ImageState::Failed | ImageState::Invalid | ImageState::Error | ImageState::Deregistered) => {
-                let reason = found.state_reason().and_then(|r| r.message()).unwrap_or("no reason given");
-                return Err(ProviderError::new(ProviderErrorKind::Failed, format!("image {image} failed: {reason}")));
-            }
-            _ => {}
+/// One DescribeImages of an image being made.
+async fn look_at(ec2: &Client, image: &str) -> Result<ImageProgress, ProviderError> {
+    let out = ec2.describe_images().image_ids(image).send().await.map_err(|e| errors::map("DescribeImages", e))?;
+    let Some(found) = out.images().first() else {
+        return Err(ProviderError::new(ProviderErrorKind::NotFound, format!("image {image} disappeared")));
+    };
+    match found.state() {
+        Some(ImageState::Available) => {
+            let gib: i64 = found
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs().and_then(|e| e.volume_size()))
+                .map(i64::from)
+                .sum();
+            Ok(ImageProgress::Ready(ImageInfo {
+                size_bytes: None,
+                virtual_size_bytes: (gib > 0).then(|| gib as u64 * (1 << 30)),
+                sha256: None,
+            }))
         }
-        if Instant::now() + settings.poll > deadline {
-            return Err(ProviderError::new(
-                ProviderErrorKind::Failed,
-                format!(
-                    "image {image} was not available within {}s; raise the cloud's image_timeout_secs",
-                    settings.image_timeout.as_secs()
-                ),
-            ));
+        Some(ImageState::Failed | ImageState::Invalid | ImageState::Error | ImageState::Deregistered) => {
+            let reason = found.state_reason().and_then(|r| r.message()).unwrap_or("no reason given");
+            Err(ProviderError::new(ProviderErrorKind::Failed, format!("image {image} failed: {reason}")))
         }
-        tokio::time::sleep(settings.poll).await;
+        _ => Ok(ImageProgress::Pending),
     }
 }
 

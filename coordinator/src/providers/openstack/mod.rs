@@ -20,11 +20,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
-use tokio::time::Instant;
 
 use self::session::{Service, Session};
 use self::settings::Settings;
-use super::{ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
+use super::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
 
 /// Runs targets on OpenStack clouds.
 #[derive(Debug)]
@@ -274,38 +273,25 @@ impl Provider for OpenstackProvider {
             .ok_or_else(|| failed("Nova's createImage returned no image_id"))
     }
 
-    async fn wait_image(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError> {
+    async fn image_state(&self, cloud: &Cloud, image: &ImageId) -> Result<ImageProgress, ProviderError> {
         let s = self.session(cloud).await?;
-        let deadline = Instant::now() + s.settings().image_timeout;
-        let poll = self.poll_interval(cloud).unwrap_or(s.settings().poll);
-        loop {
-            let (_, v) = s
-                .call("showing the image", Service::Image, Method::GET, &format!("/v2/images/{}", image.0), None)
-                .await?;
-            match v["status"].as_str().unwrap_or("") {
-                "active" => {
-                    return Ok(ImageInfo {
-                        size_bytes: v["size"].as_u64(),
-                        virtual_size_bytes: v["virtual_size"].as_u64(),
-                        sha256: (v["os_hash_algo"] == "sha256")
-                            .then(|| v["os_hash_value"].as_str().map(String::from))
-                            .flatten(),
-                    });
-                }
-                "killed" | "deleted" | "pending_delete" => {
-                    return Err(failed(format!("Glance reports image {} as {}", image.0, v["status"])));
-                }
-                _ => {}
+        let (_, v) =
+            s.call("showing the image", Service::Image, Method::GET, &format!("/v2/images/{}", image.0), None).await?;
+        match v["status"].as_str().unwrap_or("") {
+            "active" => Ok(ImageProgress::Ready(ImageInfo {
+                size_bytes: v["size"].as_u64(),
+                virtual_size_bytes: v["virtual_size"].as_u64(),
+                sha256: (v["os_hash_algo"] == "sha256").then(|| v["os_hash_value"].as_str().map(String::from)).flatten(),
+            })),
+            "killed" | "deleted" | "pending_delete" | "deactivated" => {
+                Err(failed(format!("Glance reports image {} as {}", image.0, v["status"])))
             }
-            if Instant::now() + poll > deadline {
-                return Err(failed(format!(
-                    "image {} was not active within {}s; raise the cloud's image_timeout_secs",
-                    image.0,
-                    s.settings().image_timeout.as_secs()
-                )));
-            }
-            tokio::time::sleep(poll).await;
+            _ => Ok(ImageProgress::Pending),
         }
+    }
+
+    fn image_timeout(&self, cloud: &Cloud) -> Duration {
+        Settings::of(cloud).map(|s| s.image_timeout).unwrap_or(Duration::from_secs(3600))
     }
 
     async fn terminate(&self, cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {

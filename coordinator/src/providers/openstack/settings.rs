@@ -35,7 +35,6 @@ pub struct Settings {
     pub password: String,
     pub flavor: Option<String>,
     pub network: Option<String>,
-    pub poll: Duration,
     pub image_timeout: Duration,
 }
 
@@ -102,6 +101,8 @@ impl Settings {
                 .ok_or_else(|| invalid(format!("cloud {} has no {key}: give it with --option {key}=...", cloud.name)))
         };
         let secs = |key: &str, default: f64| crate::providers::seconds_option(o, key, default);
+        // Checked here; `poll_interval` reads it without needing a password.
+        secs("poll_secs", 5.0)?;
         Ok(Self {
             auth_url: auth_url.trim_end_matches('/').to_owned(),
             region,
@@ -112,7 +113,6 @@ impl Settings {
             password,
             flavor: o.get("flavor").cloned(),
             network: o.get("network").cloned(),
-            poll: secs("poll_secs", 5.0)?,
             image_timeout: secs("image_timeout_secs", 3600.0)?,
         })
     }

@@ -28,7 +28,7 @@ use self::accel::Accel;
 use self::image::{BaseImage, Sources};
 use self::net::GuestNetwork;
 use super::{
-    AgentEndpoints, ImageId, ImageInfo, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    AgentEndpoints, ImageId, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
     ScriptNetwork, Served,
 };
 use crate::config::Config;
@@ -246,8 +246,8 @@ impl Provider for QemuProvider {
         Ok(ImageId(out.display().to_string()))
     }
 
-    async fn wait_image(&self, _cloud: &Cloud, image: &ImageId) -> Result<ImageInfo, ProviderError> {
-        image::finish(Path::new(&image.0)).await
+    async fn image_state(&self, _cloud: &Cloud, image: &ImageId) -> Result<ImageProgress, ProviderError> {
+        image::finish(Path::new(&image.0)).await.map(ImageProgress::Ready)
     }
 
     async fn terminate(&self, _cloud: &Cloud, instance: &InstanceId) -> Result<(), ProviderError> {
