@@ -27,9 +27,6 @@ pub const ALL: &[&str] = &[
     "unwind:after-terminate",
 ];
 
-/// The failpoints a failed build passes while it unwinds.
-pub const UNWIND: &[&str] = &["unwind:after-delete-image", "unwind:after-terminate"];
-
 #[cfg(feature = "failpoints")]
 pub async fn hit(name: &str) {
     static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();

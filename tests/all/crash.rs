@@ -3,8 +3,9 @@
 //! on the same data directory and ports finishes the build. Whatever the
 //! point, the target ends terminal (successful where the crash allows it), no
 //! VM, instance dir or half-made image is left, a recorded image stays, and
-//! the log is complete. On the local cloud and on the EC2 bed (moto, with a
-//! real VM as each instance). A second helper runs every step twice.
+//! the log is complete. On the local cloud, the EC2 bed (moto, with a real VM
+//! as each instance) and the fake OpenStack (Keystone, Nova and Glance, each
+//! server a real VM). A second helper runs every step twice.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use kiln_tests::bed::{BUILD_LIMIT, follow_until};
 use aws_sdk_ec2::types::InstanceStateName;
 use kiln_tests::ec2::{GUEST_HOST, Metadata, Moto, Runner, RunnerConfig, register_ami};
 use kiln_tests::kiln_process::{KilnProcess, free_port, qemu_processes_in};
+use kiln_tests::openstack::{DEFAULT_NETWORK, FakeConfig, FakeOpenStack};
 use serde_json::json;
 
 /// How long a kiln process gets to start listening.
@@ -24,39 +26,73 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 const SCRIPT: &str = "echo before\necho after\n";
 const FAILING: &str = "echo before\nexit 3\n";
 
-/// One crash: the points armed (the test waits for the last), whether the
-/// build is cancelled at the first, and the outcome a restart must reach.
-struct Crash {
-    armed: Vec<&'static str>,
+/// One life of the failpoints kiln: the points armed (the test waits for
+/// the last one, then kills the process), and whether the build is
+/// cancelled when the first is reached.
+#[derive(Clone, Copy)]
+struct Stop {
+    armed: &'static [&'static str],
     cancel_at_first: bool,
+}
+
+const fn at(point: &'static [&'static str]) -> Stop {
+    Stop { armed: point, cancel_at_first: false }
+}
+
+/// One build crashed again and again: killed at each stop in turn, each
+/// restart armed at the next, then finished by a plain kiln. One VM serves
+/// every crash of a chain, which keeps the matrix within CI's time.
+struct Chain {
+    stops: &'static [Stop],
     script: &'static str,
     expect: Status,
     log: &'static [u8],
 }
 
-impl Crash {
-    fn of(point: &'static str) -> Self {
-        match point {
-            // A half-made image exists only once the image step has begun:
-            // the build is cancelled while it waits there.
-            "unwind:after-delete-image" => Self {
-                armed: vec!["wait-image:ready", point],
-                cancel_at_first: true,
-                script: SCRIPT,
-                expect: Status::Cancelled,
-                log: b"before\nafter\n",
-            },
-            p if failpoint::UNWIND.contains(&p) => Self {
-                armed: vec![point],
-                cancel_at_first: false,
-                script: FAILING,
-                expect: Status::Failed,
-                log: b"before\n",
-            },
-            _ => Self { armed: vec![point], cancel_at_first: false, script: SCRIPT, expect: Status::Successful, log: b"before\nafter\n" },
-        }
-    }
-}
+/// A build that succeeds, killed at every forward failpoint in the order a
+/// build reaches them.
+const FORWARD: Chain = Chain {
+    stops: &[
+        at(&["launch:before-call"]),
+        at(&["launch:after-call"]),
+        at(&["step-done:launch"]),
+        at(&["step-done:await_agent"]),
+        at(&["step-done:run"]),
+        at(&["step-done:seal"]),
+        at(&["start-image:before-call"]),
+        at(&["start-image:after-call"]),
+        at(&["wait-image:ready"]),
+        at(&["step-done:snapshot"]),
+        at(&["step-done:record"]),
+        at(&["terminate:after-call"]),
+    ],
+    script: SCRIPT,
+    expect: Status::Successful,
+    log: b"before\nafter\n",
+};
+
+/// A failing script: killed while it runs, then in its unwind, once the
+/// instance is terminated.
+const FAILED: Chain = Chain {
+    stops: &[at(&["step-done:await_agent"]), at(&["unwind:after-terminate"])],
+    script: FAILING,
+    expect: Status::Failed,
+    log: b"before\n",
+};
+
+/// A half-made image exists only once the image step has begun: the build
+/// is cancelled while it waits there, and killed once the image is deleted.
+const CANCELLED: Chain = Chain {
+    stops: &[
+        at(&["start-image:after-call"]),
+        Stop { armed: &["wait-image:ready", "unwind:after-delete-image"], cancel_at_first: true },
+    ],
+    script: SCRIPT,
+    expect: Status::Cancelled,
+    log: b"before\nafter\n",
+};
+
+const CHAINS: [&Chain; 3] = [&FORWARD, &FAILED, &CANCELLED];
 
 /// The ports a coordinator listens on; kept across the restart so that a
 /// VM's agent (which has them in its user-data) reaches the second one.
@@ -121,6 +157,7 @@ fn entries(dir: &Path) -> Vec<String> {
 enum Bed {
     Local,
     Ec2(Ec2),
+    Openstack(FakeOpenStack),
 }
 
 /// moto, with the runner booting its instances as VMs, and the tiny image's AMI.
@@ -152,6 +189,12 @@ impl Bed {
         Self::Ec2(Ec2 { moto, runner, ami, _dir: dir })
     }
 
+    async fn openstack() -> Self {
+        let fake = FakeOpenStack::start(FakeConfig::default()).await.expect("fake OpenStack");
+        fake.add_image("tiny", kiln_tests::tiny_image()).expect("tiny image");
+        Self::Openstack(fake)
+    }
+
     /// Adds the cloud and a generator running `script` on it, and starts a build.
     async fn build(&self, client: &Client, script: &str) -> Build {
         let (cloud, base) = match self {
@@ -161,6 +204,13 @@ impl Bed {
                     "options": {"coordinator_host": GUEST_HOST, "poll_secs": "0.5"},
                     "credentials": {"access_key_id": "test", "secret_access_key": "kiln-test-secret"}}),
                 e.ami.clone(),
+            ),
+            Self::Openstack(fake) => (
+                json!({"name": "c", "kind": "openstack", "region": "RegionOne", "endpoint": fake.auth_url(),
+                    "options": {"user": "kiln", "project": "kiln", "flavor": "m1.small", "network": DEFAULT_NETWORK,
+                        "coordinator_host": GUEST_HOST, "poll_secs": "0.5"},
+                    "credentials": {"password": "kiln-secret"}}),
+                "tiny".to_owned(),
             ),
         };
         let _: serde_json::Value = client.post("/v1/clouds", &cloud).await.unwrap();
@@ -223,6 +273,18 @@ impl Bed {
                     left.push(format!("{} runner VMs", e.runner.live_vms()));
                 }
             }
+            Self::Openstack(fake) => {
+                left.extend(fake.servers().into_iter().filter(|s| !s.deleted).map(|s| format!("server {}", s.id)));
+                left.extend(
+                    fake.images()
+                        .into_iter()
+                        .filter(|i| i.id != "tiny" && !i.deleted && Some(i.id.as_str()) != recorded)
+                        .map(|i| format!("Glance image {} ({})", i.id, i.status)),
+                );
+                if fake.wait_no_vms(Duration::from_secs(30)).await.is_err() {
+                    left.push(format!("{} fake OpenStack VMs", fake.live_vms()));
+                }
+            }
         }
         left
     }
@@ -235,36 +297,44 @@ async fn finished(client: &Client, build: &Build) -> (Build, Vec<u8>) {
     (client.get(&format!("/v1/builds/{}", build.id)).await.unwrap(), log)
 }
 
-/// Crashes a build at `point` and checks what the restart makes of it.
-async fn crash(bed: Bed, point: &'static str) {
-    let crash = Crash::of(point);
+/// Crashes one build at every stop of `chain` in turn and checks what the
+/// last restart makes of it.
+async fn crash(bed: Bed, chain: &Chain) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let ports = Ports::free();
-    let armed = crash.armed.join(",");
-    let (mut first, client) = serve(&data, &ports, Some(&[("KILN_FAILPOINT", &armed)])).await;
-    let build = bed.build(&client, crash.script).await;
-    for (i, p) in crash.armed.iter().enumerate() {
-        let marker = format!("kiln failpoint reached: {p}");
-        assert!(first.wait_for_stderr(&marker, BUILD_LIMIT).await, "{p} was never reached: {}", first.stderr());
-        if i == 0 && crash.cancel_at_first {
-            let _: serde_json::Value =
-                client.post(&format!("/v1/builds/{}/cancel", build.id), &json!({})).await.unwrap();
+    let mut build = None;
+    for stop in chain.stops {
+        let armed = stop.armed.join(",");
+        let (mut kiln, client) = serve(&data, &ports, Some(&[("KILN_FAILPOINT", &armed)])).await;
+        let build = match &build {
+            Some(b) => b,
+            None => build.insert(bed.build(&client, chain.script).await),
+        };
+        for (i, p) in stop.armed.iter().enumerate() {
+            let marker = format!("kiln failpoint reached: {p}");
+            assert!(kiln.wait_for_stderr(&marker, BUILD_LIMIT).await, "{p} was never reached: {}", kiln.stderr());
+            if i == 0 && stop.cancel_at_first {
+                let _: serde_json::Value =
+                    client.post(&format!("/v1/builds/{}/cancel", build.id), &json!({})).await.unwrap();
+            }
         }
+        kiln.kill9().await;
     }
-    first.kill9().await;
+    let build = build.expect("a chain has a stop");
+    let point = chain.stops.iter().map(|s| s.armed.join("+")).collect::<Vec<_>>().join(", ");
 
     let (_second, client) = serve(&data, &ports, None).await;
     let (done, log) = finished(&client, &build).await;
     let target = &done.targets[0];
-    assert_eq!(target.status, crash.expect, "after a crash at {point}: {done:#?}");
-    assert_eq!(log, crash.log, "after a crash at {point} the log is complete, nothing lost or doubled");
+    assert_eq!(target.status, chain.expect, "after crashes at {point}: {done:#?}");
+    assert_eq!(log, chain.log, "after crashes at {point} the log is complete, nothing lost or doubled");
     let recorded = target.image.as_ref().map(|i| i.id.clone());
-    match crash.expect {
+    match chain.expect {
         Status::Successful => {
             let image = recorded.as_deref().expect("a successful target has its image");
             if let Bed::Local = bed {
-                assert!(Path::new(image).join("disk.qcow2").exists(), "the recorded image is kept after a crash at {point}");
+                assert!(Path::new(image).join("disk.qcow2").exists(), "the recorded image is kept after crashes at {point}");
             }
         }
         Status::Failed => {
@@ -273,21 +343,30 @@ async fn crash(bed: Bed, point: &'static str) {
         }
         _ => {}
     }
-    if let (Bed::Ec2(e), Some(image)) = (&bed, &recorded) {
-        let out = e.moto.client(REGION).describe_images().image_ids(image).send().await.unwrap();
-        assert_eq!(out.images().len(), 1, "the recorded AMI is kept after a crash at {point}");
+    match (&bed, &recorded) {
+        (Bed::Ec2(e), Some(image)) => {
+            let out = e.moto.client(REGION).describe_images().image_ids(image).send().await.unwrap();
+            assert_eq!(out.images().len(), 1, "the recorded AMI is kept after crashes at {point}");
+        }
+        (Bed::Openstack(fake), Some(image)) => {
+            let kept = fake.images().into_iter().find(|i| &i.id == image).expect("the recorded image is in Glance");
+            assert!(!kept.deleted && kept.status == "active", "the recorded image is kept after crashes at {point}: {kept:?}");
+        }
+        _ => {}
     }
     let left = bed.leftovers(&data, recorded.as_deref()).await;
-    assert!(left.is_empty(), "after a crash at {point} the cloud still holds {left:?}");
+    assert!(left.is_empty(), "after crashes at {point} the cloud still holds {left:?}");
 }
 
+// One build per cloud and chain, the clouds' chains run concurrently by the
+// test harness.
 macro_rules! crash_tests {
-    ($($test:ident => $point:literal,)*) => {
+    ($($test:ident => $chain:ident,)*) => {
         mod local {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    super::crash(super::Bed::Local, $point).await;
+                    super::crash(super::Bed::Local, &super::$chain).await;
                 }
             )*
         }
@@ -296,37 +375,35 @@ macro_rules! crash_tests {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    super::crash(super::Bed::ec2().await, $point).await;
+                    super::crash(super::Bed::ec2().await, &super::$chain).await;
                 }
             )*
         }
 
-        // Every failpoint the coordinator has is crashed at by a test here.
-        #[test]
-        fn every_failpoint_has_a_crash_test() {
-            let tested = [$($point),*];
-            for point in failpoint::ALL {
-                assert!(tested.contains(point), "no crash test for the failpoint {point}");
-            }
+        mod openstack {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::crash(super::Bed::openstack().await, &super::$chain).await;
+                }
+            )*
         }
     };
 }
 
 crash_tests! {
-    launch_before_call => "launch:before-call",
-    launch_after_call => "launch:after-call",
-    after_launch => "step-done:launch",
-    after_await_agent => "step-done:await_agent",
-    after_run => "step-done:run",
-    after_seal => "step-done:seal",
-    start_image_before_call => "start-image:before-call",
-    start_image_after_call => "start-image:after-call",
-    image_ready => "wait-image:ready",
-    after_snapshot => "step-done:snapshot",
-    after_record => "step-done:record",
-    terminate_after_call => "terminate:after-call",
-    unwind_after_delete_image => "unwind:after-delete-image",
-    unwind_after_terminate => "unwind:after-terminate",
+    at_every_forward_step => FORWARD,
+    while_a_failed_target_unwinds => FAILED,
+    while_a_cancelled_target_unwinds => CANCELLED,
+}
+
+// Every failpoint the coordinator has is crashed at by a chain.
+#[test]
+fn every_failpoint_has_a_crash_test() {
+    for point in failpoint::ALL {
+        let tested = CHAINS.iter().flat_map(|c| c.stops).any(|s| s.armed.last() == Some(point));
+        assert!(tested, "no crash test stops at the failpoint {point}");
+    }
 }
 
 /// Runs every step twice on `bed`, the second time from the record as it was
@@ -346,8 +423,10 @@ async fn every_step_twice(bed: Bed) {
     let image = done.targets[0].image.as_ref().unwrap();
     let left = bed.leftovers(&data, Some(&image.id)).await;
     assert!(left.is_empty(), "after every step ran twice the cloud still holds {left:?}");
-    if let Bed::Ec2(e) = &bed {
-        assert_eq!(e.runner.booted().len(), 1, "one instance was launched");
+    match &bed {
+        Bed::Ec2(e) => assert_eq!(e.runner.booted().len(), 1, "one instance was launched"),
+        Bed::Openstack(fake) => assert_eq!(fake.servers().len(), 1, "one server was created"),
+        Bed::Local => {}
     }
 }
 
@@ -359,4 +438,9 @@ async fn local_every_step_twice() {
 #[tokio::test]
 async fn ec2_every_step_twice() {
     every_step_twice(Bed::ec2().await).await;
+}
+
+#[tokio::test]
+async fn openstack_every_step_twice() {
+    every_step_twice(Bed::openstack().await).await;
 }

@@ -14,6 +14,7 @@ mod confine;
 mod probe;
 
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kiln_protocol::api::{Provenance, TargetSpec};
@@ -226,8 +227,15 @@ pub async fn finish(out: &Path) -> Result<ImageInfo, ProviderError> {
         let copy = |from: &Option<PathBuf>, to: &str| -> Result<Option<PathBuf>, ProviderError> {
             let Some(from) = from else { return Ok(None) };
             let dest = out.join(to);
-            if !dest.exists() && std::fs::hard_link(from, &dest).is_err() {
-                std::fs::copy(from, &dest).map_err(|e| failed(format!("cannot copy {}: {e}", from.display())))?;
+            // A copy, not a hard link: a link would share the base image's
+            // inode and its mode, and the data directory holds only private
+            // files. Copied aside and renamed, so a crash leaves no torn copy.
+            if !dest.exists() {
+                let part = out.join(format!("{to}.part"));
+                std::fs::copy(from, &part).map_err(|e| failed(format!("cannot copy {}: {e}", from.display())))?;
+                std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| failed(format!("cannot make {} private: {e}", part.display())))?;
+                std::fs::rename(&part, &dest).map_err(|e| failed(format!("cannot move {to} into place: {e}")))?;
             }
             Ok(Some(PathBuf::from(to)))
         };
