@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// Seconds from launch until the agent must have phoned home.
     #[arg(long, default_value_t = 600)]
     pub agent_timeout_secs: u64,
+    /// Seconds between janitor runs (it also runs once at start); 0: only at start.
+    #[arg(long, default_value_t = 600)]
+    pub janitor_interval_secs: u64,
     /// The most log bytes one target may store; past it the target fails
     /// (`log_quota`) and its log up to there stays readable.
     #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -109,6 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.limits.listen.max_connections = args.max_connections as usize;
     config.limits.listen.header_timeout = Duration::from_secs(args.header_timeout_secs);
     config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);
+    config.janitor_interval = (args.janitor_interval_secs > 0).then(|| Duration::from_secs(args.janitor_interval_secs));
     config.check().map_err(anyhow::Error::msg)?;
     let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)
         .await

@@ -10,6 +10,7 @@ pub mod openstack;
 pub mod owner;
 pub mod qemu;
 
+pub use kiln_protocol::api::ResourceKind;
 pub use owner::CoordinatorId;
 
 use kiln_protocol::quote::quote;
@@ -174,17 +175,6 @@ impl ProviderError {
     pub fn is_transient(&self) -> bool {
         self.kind == ProviderErrorKind::Transient
     }
-}
-
-/// What kind of cloud resource the janitor found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ResourceKind {
-    /// A VM (an EC2 instance, a Nova server, a local QEMU instance directory).
-    Instance,
-    /// An image (an AMI or its regional copy, a Glance image, a local image directory).
-    Image,
-    /// A snapshot backing an image (EC2 EBS snapshots).
-    Snapshot,
 }
 
 /// A resource this coordinator made, as its cloud lists it.
