@@ -69,6 +69,10 @@ async fn janitor_after_a_crash(bed: Bed) {
     let (mut second, client) = serve(&data, &ports, Some(&[("KILN_FAILPOINT", "launch:before-call")])).await;
     let marker = "kiln failpoint reached: launch:before-call";
     assert!(second.wait_for_stderr(marker, BUILD_LIMIT).await, "launch never resumed: {}", second.stderr());
+    // The janitor's run at start saw the target unfinished and left its
+    // instance; once the target has ended, the next run would remove it.
+    let started = "janitor run done removed=0";
+    assert!(second.wait_for_stderr(started, BUILD_LIMIT).await, "no janitor run at start: {}", second.stderr());
     let _: serde_json::Value = client.post(&format!("/v1/builds/{}/cancel", build.id), &json!({})).await.unwrap();
     let (done, _) = finished(&client, &build).await;
     assert_eq!(done.targets[0].status, Status::Cancelled, "{done:#?}");

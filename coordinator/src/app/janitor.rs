@@ -182,9 +182,7 @@ pub async fn run_periodically(app: App, interval: Option<Duration>, stop: Cancel
         };
         match run {
             Ok(report) => {
-                if !report.found.is_empty() || !report.failed.is_empty() {
-                    tracing::info!(removed = report.found.len(), failed = report.failed.len(), "janitor run done");
-                }
+                tracing::info!(removed = report.found.len(), failed = report.failed.len(), "janitor run done");
                 for skip in &report.skipped {
                     tracing::info!(cloud = %skip.cloud, why = %skip.why, "janitor skipped a cloud");
                 }
