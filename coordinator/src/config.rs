@@ -36,6 +36,8 @@ pub struct Config {
     pub api_hosts: Vec<String>,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// How often the janitor runs after its run at start; `None`: only at start.
+    pub janitor_interval: Option<Duration>,
 }
 
 /// Where the public listener's TLS certificate comes from.
@@ -218,6 +220,7 @@ impl Config {
             api_hosts: Vec::new(),
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            janitor_interval: Some(Duration::from_secs(600)),
         }
     }
 

@@ -96,6 +96,11 @@ impl Server {
             move |target: &str| policies.egress_policy(target).map_err(|e| e.to_string()),
             shutdown.clone(),
         ));
+        tasks.spawn(crate::app::janitor::run_periodically(
+            app.clone(),
+            app.config().janitor_interval,
+            shutdown.clone(),
+        ));
         tracing::info!(api = %addrs.api, agent = %addrs.agent, bootstrap = %addrs.bootstrap, "kiln coordinator listening");
         Ok(Self { app, addrs, shutdown, tasks })
     }

@@ -447,3 +447,72 @@ fn env_map(min_value: usize) -> utoipa::openapi::Object {
     }
     ObjectBuilder::new().schema_type(Type::Object).property_names(Some(name)).additional_properties(Some(value)).build()
 }
+
+/// What kind of cloud resource the janitor found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceKind {
+    /// A VM: an EC2 instance, a Nova server, a local QEMU instance directory (with its QEMU).
+    Instance,
+    /// An image: an AMI or its regional copy, a Glance image, a local image directory.
+    Image,
+    /// An EBS snapshot backing an image.
+    Snapshot,
+}
+
+impl ResourceKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ResourceKind::Instance => "instance",
+            ResourceKind::Image => "image",
+            ResourceKind::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// A cloud resource this coordinator made that nothing needs any more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Garbage {
+    /// The configured cloud it was found through.
+    pub cloud: CloudName,
+    pub kind: ResourceKind,
+    /// The cloud's id for it (an instance id, an AMI id, a snapshot id, a path).
+    pub id: String,
+    /// Its region when that is not the cloud's own (a regional copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The target it was made for, when its tags name one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<TargetId>,
+    /// Why it is garbage: its target ended, or this coordinator does not know it.
+    pub why: String,
+}
+
+/// A removal the cloud refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JanitorFailure {
+    pub garbage: Garbage,
+    /// The cloud's error.
+    pub error: String,
+}
+
+/// A cloud the janitor did not look at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JanitorSkip {
+    pub cloud: CloudName,
+    /// Why, and what to do about it.
+    pub why: String,
+}
+
+/// One janitor run: what it found (and, unless a dry run, removed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JanitorReport {
+    /// True when nothing was removed: `found` is what a run would remove.
+    pub dry_run: bool,
+    /// A dry run: what would be removed. Otherwise: what was removed.
+    pub found: Vec<Garbage>,
+    /// What the clouds refused to remove (not a dry run).
+    pub failed: Vec<JanitorFailure>,
+    /// Clouds not looked at, and clouds that could not be listed.
+    pub skipped: Vec<JanitorSkip>,
+}

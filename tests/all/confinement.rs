@@ -183,7 +183,7 @@ async fn outside_paths_get_one_answer_whether_or_not_they_exist() {
 async fn preflight(bed: &Bed, base: &str, adjust: impl FnOnce(&mut kiln_coordinator::Config)) -> Result<(), String> {
     let mut config = bed.app().config().clone();
     adjust(&mut config);
-    let provider = kiln_coordinator::cli::builtin_providers(&config).get(CloudKind::Qemu).unwrap();
+    let provider = kiln_coordinator::cli::builtin_providers(&config).unwrap().get(CloudKind::Qemu).unwrap();
     let cloud = Cloud {
         name: "local".parse().unwrap(),
         kind: CloudKind::Qemu,

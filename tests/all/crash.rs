@@ -7,22 +7,14 @@
 //! as each instance) and the fake OpenStack (Keystone, Nova and Glance, each
 //! server a real VM). A second helper runs every step twice.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use kiln_coordinator::cli::Client;
 use kiln_coordinator::failpoint;
-use kiln_protocol::api::{Build, FailureReason, Status};
-use kiln_tests::bed::{BUILD_LIMIT, follow_until};
-use aws_sdk_ec2::types::InstanceStateName;
-use kiln_tests::ec2::{GUEST_HOST, Metadata, Moto, Runner, RunnerConfig, register_ami};
-use kiln_tests::kiln_process::{KilnProcess, free_port, qemu_processes_in};
-use kiln_tests::openstack::{DEFAULT_NETWORK, FakeConfig, FakeOpenStack};
+use kiln_protocol::api::{FailureReason, JanitorReport, Status};
+use kiln_tests::bed::BUILD_LIMIT;
+use kiln_tests::crash_bed::{Bed, Ports, REGION, finished, serve};
 use serde_json::json;
 
-/// How long a kiln process gets to start listening.
-const START_LIMIT: Duration = Duration::from_secs(30);
 const SCRIPT: &str = "echo before\necho after\n";
 const FAILING: &str = "echo before\nexit 3\n";
 
@@ -94,209 +86,6 @@ const CANCELLED: Chain = Chain {
 
 const CHAINS: [&Chain; 3] = [&FORWARD, &FAILED, &CANCELLED];
 
-/// The ports a coordinator listens on; kept across the restart so that a
-/// VM's agent (which has them in its user-data) reaches the second one.
-struct Ports {
-    api: u16,
-    agent: u16,
-    bootstrap: u16,
-}
-
-impl Ports {
-    fn free() -> Self {
-        Self { api: free_port(), agent: free_port(), bootstrap: free_port() }
-    }
-}
-
-fn tiny() -> String {
-    kiln_tests::tiny_image().display().to_string()
-}
-
-/// `kiln serve` on `data`, the failpoints build with `env` when it is given.
-async fn serve(data: &Path, ports: &Ports, env: Option<&[(&str, &str)]>) -> (KilnProcess, Client) {
-    let listen = format!("127.0.0.1:{}", ports.api);
-    let agent = format!("127.0.0.1:{}", ports.agent);
-    let bootstrap = format!("127.0.0.1:{}", ports.bootstrap);
-    let tiny_dir = kiln_tests::tiny_image().parent().unwrap().display().to_string();
-    let args = [
-        "serve",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--listen",
-        &listen,
-        "--agent-listen",
-        &agent,
-        "--bootstrap-listen",
-        &bootstrap,
-        "--image-dir",
-        &tiny_dir,
-    ];
-    let (binary, env): (PathBuf, &[(&str, &str)]) = match env {
-        Some(env) => (kiln_tests::failpoint_kiln_binary(), env),
-        None => (kiln_tests::kiln_binary(), &[]),
-    };
-    let mut kiln = KilnProcess::spawn_with(&binary, args, data.parent().unwrap(), env);
-    assert!(
-        kiln.wait_for_stderr("kiln coordinator listening", START_LIMIT).await,
-        "serve did not start: {}",
-        kiln.stderr()
-    );
-    let token = std::fs::read_to_string(data.join(kiln_coordinator::app::access::ADMIN_TOKEN_FILE))
-        .expect("serve wrote the admin token");
-    (kiln, Client::new(&format!("http://{listen}")).unwrap().with_token(token))
-}
-
-/// Entries of a directory (none when it does not exist).
-fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default()
-}
-
-/// The cloud a crash test builds on, and what it checks the cloud for.
-enum Bed {
-    Local,
-    Ec2(Ec2),
-    Openstack(FakeOpenStack),
-}
-
-/// moto, with the runner booting its instances as VMs, and the tiny image's AMI.
-struct Ec2 {
-    moto: Moto,
-    runner: Runner,
-    ami: String,
-    _dir: tempfile::TempDir,
-}
-
-const REGION: &str = "us-east-1";
-
-impl Bed {
-    async fn ec2() -> Self {
-        let moto = Moto::start().await.expect("moto");
-        let ami = register_ami(&moto.client(REGION), "kiln-tiny").await.expect("register AMI");
-        let dir = tempfile::tempdir().unwrap();
-        let runner = Runner::start(RunnerConfig {
-            moto: moto.url.clone(),
-            regions: vec![REGION.into()],
-            images: HashMap::from([(ami.clone(), kiln_tests::tiny_image())]),
-            work_dir: dir.path().join("runner"),
-            metadata: Metadata::Imds,
-            console_tail_lines: 40,
-            identity: None,
-        })
-        .await
-        .expect("runner");
-        Self::Ec2(Ec2 { moto, runner, ami, _dir: dir })
-    }
-
-    async fn openstack() -> Self {
-        let fake = FakeOpenStack::start(FakeConfig::default()).await.expect("fake OpenStack");
-        fake.add_image("tiny", kiln_tests::tiny_image()).expect("tiny image");
-        Self::Openstack(fake)
-    }
-
-    /// Adds the cloud and a generator running `script` on it, and starts a build.
-    async fn build(&self, client: &Client, script: &str) -> Build {
-        let (cloud, base) = match self {
-            Self::Local => (json!({"name": "c", "kind": "qemu"}), tiny()),
-            Self::Ec2(e) => (
-                json!({"name": "c", "kind": "ec2", "region": REGION, "endpoint": e.moto.url,
-                    "options": {"coordinator_host": GUEST_HOST, "poll_secs": "0.5"},
-                    "credentials": {"access_key_id": "test", "secret_access_key": "kiln-test-secret"}}),
-                e.ami.clone(),
-            ),
-            Self::Openstack(fake) => (
-                json!({"name": "c", "kind": "openstack", "region": "RegionOne", "endpoint": fake.auth_url(),
-                    "options": {"user": "kiln", "project": "kiln", "flavor": "m1.small", "network": DEFAULT_NETWORK,
-                        "coordinator_host": GUEST_HOST, "poll_secs": "0.5"},
-                    "credentials": {"password": "kiln-secret"}}),
-                "tiny".to_owned(),
-            ),
-        };
-        let _: serde_json::Value = client.post("/v1/clouds", &cloud).await.unwrap();
-        let spec = json!({"name": "crash", "script": script, "targets": {"c": {"base_image": base}}});
-        let _: serde_json::Value = client.post("/v1/generators", &spec).await.unwrap();
-        client.post("/v1/builds", &json!({"generator": "crash"})).await.unwrap()
-    }
-
-    /// What the cloud still holds besides the base image and `recorded`: VMs,
-    /// instance dirs, instances, images and snapshots, checked in the cloud itself.
-    async fn leftovers(&self, data: &Path, recorded: Option<&str>) -> Vec<String> {
-        let mut left = Vec::new();
-        match self {
-            Self::Local => {
-                left.extend(qemu_processes_in(data).into_iter().map(|p| format!("QEMU process {p}")));
-                left.extend(entries(&data.join("qemu/instances")).into_iter().map(|d| format!("instance dir {d}")));
-                let images = data.join("images");
-                left.extend(
-                    entries(&images)
-                        .into_iter()
-                        .filter(|i| Some(images.join(i).display().to_string().as_str()) != recorded)
-                        .map(|i| format!("image {i}")),
-                );
-            }
-            Self::Ec2(e) => {
-                let ec2 = e.moto.client(REGION);
-                let out = ec2.describe_instances().send().await.unwrap();
-                left.extend(
-                    out.reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .filter(|i| i.state().and_then(|s| s.name()) != Some(&InstanceStateName::Terminated))
-                        .filter_map(|i| i.instance_id().map(|id| format!("instance {id}"))),
-                );
-                let images = ec2.describe_images().owners("self").send().await.unwrap();
-                let mut kept_snapshots = Vec::new();
-                for image in images.images() {
-                    let id = image.image_id().unwrap_or_default();
-                    if id == e.ami || Some(id) == recorded {
-                        kept_snapshots.extend(
-                            image
-                                .block_device_mappings()
-                                .iter()
-                                .filter_map(|m| m.ebs().and_then(|b| b.snapshot_id()).map(String::from)),
-                        );
-                    } else {
-                        left.push(format!("AMI {id}"));
-                    }
-                }
-                let snapshots = ec2.describe_snapshots().owner_ids("self").send().await.unwrap();
-                left.extend(
-                    snapshots
-                        .snapshots()
-                        .iter()
-                        .filter_map(|s| s.snapshot_id())
-                        .filter(|s| !kept_snapshots.iter().any(|k| k == s))
-                        .map(|s| format!("snapshot {s}")),
-                );
-                if e.runner.wait_no_vms(Duration::from_secs(30)).await.is_err() {
-                    left.push(format!("{} runner VMs", e.runner.live_vms()));
-                }
-            }
-            Self::Openstack(fake) => {
-                left.extend(fake.servers().into_iter().filter(|s| !s.deleted).map(|s| format!("server {}", s.id)));
-                left.extend(
-                    fake.images()
-                        .into_iter()
-                        .filter(|i| i.id != "tiny" && !i.deleted && Some(i.id.as_str()) != recorded)
-                        .map(|i| format!("Glance image {} ({})", i.id, i.status)),
-                );
-                if fake.wait_no_vms(Duration::from_secs(30)).await.is_err() {
-                    left.push(format!("{} fake OpenStack VMs", fake.live_vms()));
-                }
-            }
-        }
-        left
-    }
-}
-
-/// Follows the target's log to its end (the target has ended), then returns
-/// the build with that log.
-async fn finished(client: &Client, build: &Build) -> (Build, Vec<u8>) {
-    let log = follow_until(client, build.targets[0].id, |_| false).await;
-    (client.get(&format!("/v1/builds/{}", build.id)).await.unwrap(), log)
-}
-
 /// Crashes one build at every stop of `chain` in turn and checks what the
 /// last restart makes of it.
 async fn crash(bed: Bed, chain: &Chain) {
@@ -304,6 +93,9 @@ async fn crash(bed: Bed, chain: &Chain) {
     let data = dir.path().join("data");
     let ports = Ports::free();
     let mut build = None;
+    // Every life's log, to check the janitor never had to remove what an
+    // undo should have.
+    let mut logs = Vec::new();
     for stop in chain.stops {
         let armed = stop.armed.join(",");
         let (mut kiln, client) = serve(&data, &ports, Some(&[("KILN_FAILPOINT", &armed)])).await;
@@ -319,12 +111,13 @@ async fn crash(bed: Bed, chain: &Chain) {
                     client.post(&format!("/v1/builds/{}/cancel", build.id), &json!({})).await.unwrap();
             }
         }
+        logs.push(kiln.stderr());
         kiln.kill9().await;
     }
     let build = build.expect("a chain has a stop");
     let point = chain.stops.iter().map(|s| s.armed.join("+")).collect::<Vec<_>>().join(", ");
 
-    let (_second, client) = serve(&data, &ports, None).await;
+    let (last, client) = serve(&data, &ports, None).await;
     let (done, log) = finished(&client, &build).await;
     let target = &done.targets[0];
     assert_eq!(target.status, chain.expect, "after crashes at {point}: {done:#?}");
@@ -354,6 +147,12 @@ async fn crash(bed: Bed, chain: &Chain) {
         }
         _ => {}
     }
+    // What the janitor finds is what the workflow's undo missed: nothing.
+    let report: JanitorReport = client.get("/v1/janitor").await.unwrap();
+    assert!(report.found.is_empty() && report.skipped.is_empty(), "the janitor found leftovers: {report:#?}");
+    logs.push(last.stderr());
+    let swept: Vec<&str> = logs.iter().flat_map(|l| l.lines()).filter(|l| l.contains("janitor removed a leftover")).collect();
+    assert!(swept.is_empty(), "after crashes at {point} the janitor had to remove {swept:#?}");
     let left = bed.leftovers(&data, recorded.as_deref()).await;
     assert!(left.is_empty(), "after crashes at {point} the cloud still holds {left:?}");
 }

@@ -117,6 +117,20 @@ async fn build_on_two_regions_makes_tagged_images() {
         assert_eq!(tag(ami, "kiln:build"), Some(build.id.to_string().as_str()));
         assert_eq!(tag(ami, "kiln:script-sha256"), Some(build.script_sha256.as_str()));
         assert_eq!(tag(ami, "kiln:base-image"), Some(env.amis[region].as_str()));
+        assert!(tag(ami, "kiln:coordinator").is_some_and(|c| c.starts_with("kc-")), "the janitor finds it by this tag");
+        let snapshots: Vec<String> = ami
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from))
+            .collect();
+        assert!(!snapshots.is_empty(), "the image has a snapshot");
+        let described =
+            env.moto.client(region).describe_snapshots().set_snapshot_ids(Some(snapshots)).send().await.unwrap();
+        for snapshot in described.snapshots() {
+            let tag = |key: &str| snapshot.tags().iter().find(|t| t.key() == Some(key)).and_then(|t| t.value());
+            assert_eq!(tag("kiln:coordinator"), self::tag(ami, "kiln:coordinator"), "{snapshot:?}");
+            assert_eq!(tag("kiln:source-image"), Some(image.id.as_str()), "{snapshot:?}");
+        }
         assert!(ami.description().unwrap_or_default().contains(&build.script_sha256));
         assert!(env.live_instances(region).await.is_empty(), "the instance in {region} was terminated");
         let phases = kiln_coordinator::cli::phases(&t.timings);
@@ -131,6 +145,7 @@ async fn build_on_two_regions_makes_tagged_images() {
     let copy = copies.images().first().expect("a copy in us-west-2");
     assert_eq!(tag(copy, "kiln:source-image"), west.image.as_ref().map(|i| i.id.as_str()));
     assert_eq!(tag(copy, "kiln:target"), Some(west.id.to_string().as_str()));
+    assert!(tag(copy, "kiln:coordinator").is_some(), "the copy carries the coordinator's tag");
     let calls = east.calls();
     eprintln!("EC2 API calls of one target: {calls:?} = {}", calls.values().sum::<usize>());
     assert_eq!(calls["RunInstances"], 3, "two throttled attempts, then the launch");

@@ -12,6 +12,7 @@ mod ec2;
 mod ec2_bed;
 mod ec2_identity;
 mod enrollment;
+mod janitor;
 mod lifecycle;
 mod limits;
 mod openapi;

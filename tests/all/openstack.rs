@@ -77,9 +77,11 @@ async fn build_on_two_openstack_clouds_and_local() {
         let props = &images[0].properties;
         assert_eq!(props.get("kiln_target").map(String::as_str), Some(t.id.to_string().as_str()), "{props:?}");
         assert_eq!(props.get("kiln_script_sha256").map(String::as_str), Some(build.script_sha256.as_str()));
+        assert!(props.get("kiln_coordinator").is_some_and(|c| c.starts_with("kc-")), "{props:?}");
         assert!(fake.servers().iter().all(|s| s.deleted), "{cloud}: servers deleted");
         let server = fake.servers().into_iter().next().unwrap();
         assert_eq!(server.metadata.get("kiln_build").map(String::as_str), Some(build.id.to_string().as_str()));
+        assert_eq!(server.metadata.get("kiln_coordinator"), props.get("kiln_coordinator"));
         assert!(
             fake.metadata_requests(&server.id).iter().any(|r| r.contains("/openstack/latest/user_data 200")),
             "{cloud}: user-data came from the OpenStack metadata service"

@@ -351,7 +351,7 @@ fn config(dir: &TempDir, opts: &Options) -> Config {
 
 fn providers(provider: &Arc<ProcessProvider>, config: &Config, opts: &Options) -> Providers {
     if opts.real_qemu {
-        kiln_coordinator::cli::builtin_providers(config)
+        kiln_coordinator::cli::builtin_providers(config).expect("the coordinator id")
     } else {
         Providers::new().with(CloudKind::Qemu, provider.clone())
     }

@@ -7,11 +7,14 @@
 //! - [`browser`]: a headless Chromium over WebDriver, for the web page's tests.
 //! - [`proxy`]: a TCP proxy that can cut every connection through it.
 //! - [`kiln_process`]: `kiln serve` and one-shot builds as real processes.
+//! - [`crash_bed`]: `kiln serve` killed and restarted on one data directory,
+//!   on the local cloud or the EC2 bed, and what the cloud still holds.
 //! - [`disk`]: an image's raw bytes, searched for secrets.
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
 pub mod browser;
+pub mod crash_bed;
 pub mod disk;
 pub mod ec2;
 pub mod kiln_process;

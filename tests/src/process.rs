@@ -14,8 +14,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use kiln_coordinator::providers::{
-    AgentEndpoints, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
-    Served,
+    AgentEndpoints, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, OwnedResource, Provider,
+    ProviderError, ProviderErrorKind, ResourceKind, Served,
 };
 use kiln_protocol::agent::Instruction;
 use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
@@ -223,6 +223,39 @@ impl Provider for ProcessProvider {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(ProviderError::new(ProviderErrorKind::Failed, e.to_string())),
+        }
+    }
+
+    /// Live instances, and image files (their name ends with the target id).
+    async fn owned(&self, _cloud: &Cloud) -> Result<Vec<OwnedResource>, ProviderError> {
+        let resource = |kind, id: String, target: Option<&str>| OwnedResource {
+            kind,
+            target: target.and_then(|t| t.parse().ok()),
+            id,
+            source_image: None,
+            region: None,
+        };
+        let mut out: Vec<OwnedResource> = self
+            .live_instances()
+            .into_iter()
+            .map(|id| {
+                let target = id.strip_prefix("proc-").map(String::from);
+                resource(ResourceKind::Instance, id, target.as_deref())
+            })
+            .collect();
+        for path in self.images() {
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let target = stem.len().checked_sub(36).and_then(|at| stem.get(at..)).map(String::from);
+            out.push(resource(ResourceKind::Image, path.display().to_string(), target.as_deref()));
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, cloud: &Cloud, resource: &OwnedResource) -> Result<(), ProviderError> {
+        match resource.kind {
+            ResourceKind::Instance => self.terminate(cloud, &InstanceId(resource.id.clone())).await,
+            ResourceKind::Image => self.delete_image(cloud, &ImageId(resource.id.clone())).await,
+            ResourceKind::Snapshot => Ok(()),
         }
     }
 }

@@ -32,7 +32,8 @@ pub fn required_role(method: &Method, path: &str) -> Option<Role> {
         "/v1/openapi.json" | "/v1/health" => None,
         // Logging in and out: the handlers check the token or cookie themselves.
         "/v1/session" if !read => None,
-        p if p.starts_with("/v1/tokens") => Some(Role::Admin),
+        // The janitor's dry run lists cloud resources; its run removes them.
+        p if p.starts_with("/v1/tokens") || p.starts_with("/v1/janitor") => Some(Role::Admin),
         _ if read => Some(Role::Viewer),
         p if p.starts_with("/v1/clouds") || p.starts_with("/v1/images") => Some(Role::Admin),
         _ => Some(Role::Builder),
@@ -168,8 +169,8 @@ pub async fn host_guard(State(hosts): State<HostAllowlist>, req: Request, next: 
 mod tests {
     use super::*;
 
-    // Reads are for viewers, writes for builders, clouds, images and tokens
-    // for admins; only the document, health and login are open.
+    // Reads are for viewers, writes for builders, clouds, images, tokens and
+    // the janitor for admins; only the document, health and login are open.
     #[test]
     fn each_route_needs_its_role() {
         let cases = [
@@ -185,6 +186,8 @@ mod tests {
             (Method::DELETE, "/v1/images/{name}", Some(Role::Admin)),
             (Method::GET, "/v1/tokens", Some(Role::Admin)),
             (Method::GET, "/v1/clouds", Some(Role::Viewer)),
+            (Method::GET, "/v1/janitor", Some(Role::Admin)),
+            (Method::POST, "/v1/janitor", Some(Role::Admin)),
         ];
         for (method, path, want) in cases {
             assert_eq!(required_role(&method, path), want, "{method} {path}");

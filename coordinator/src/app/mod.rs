@@ -6,6 +6,7 @@
 //! - [`builds`]: starting, listing, showing and cancelling builds; logs.
 //! - [`agents`]: what an enrolled agent may do, authorized by its certificate.
 //! - [`images`]: what builds made.
+//! - [`janitor`]: removes what a crash left on a cloud (resources no live target owns).
 
 pub mod access;
 pub mod agents;
@@ -13,6 +14,7 @@ pub mod builds;
 pub mod catalog;
 mod error;
 pub mod images;
+pub mod janitor;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -73,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) build_secrets: Mutex<HashMap<BuildId, HashMap<CloudName, Secret>>>,
     /// In-process tokens and the page's sessions.
     pub(crate) access: access::Access,
+    /// Held by the janitor's run, so two runs never race on a cloud.
+    pub(crate) janitor: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -103,6 +107,7 @@ impl App {
             interrupts: Mutex::default(),
             build_secrets: Mutex::default(),
             access: access::Access::default(),
+            janitor: tokio::sync::Mutex::default(),
         }));
         app.ensure_admin_token()?;
         crate::workflow::resume_all(&app)?;

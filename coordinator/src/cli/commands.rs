@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use futures::StreamExt;
 use kiln_protocol::api::{
-    Build, BuildRequest, Cloud, CloudKind, GeneratorSpec, GeneratorSummary, Image, LogChunk, LogEnd, Revision, Secret,
-    Status, Target, TargetSpec, Timings,
+    Build, BuildRequest, Cloud, CloudKind, Garbage, GeneratorSpec, GeneratorSummary, Image, JanitorReport, LogChunk,
+    LogEnd, Revision, Secret, Status, Target, TargetSpec, Timings,
 };
 use kiln_protocol::{BuildId, CloudName, TargetId, Timestamp};
 
@@ -25,7 +25,44 @@ pub async fn run(client: &Client, output: Output, command: Command) -> anyhow::R
         Command::Generator(g) => generator(client, output, g).await.map(|()| 0),
         Command::Build(b) => build(client, output, b).await,
         Command::Image(i) => image(client, output, i).await.map(|()| 0),
+        Command::Janitor { dry_run } => janitor(client, output, dry_run).await,
     }
+}
+
+/// Runs the janitor (or its dry run) and prints what it found; 1 when a
+/// cloud refused a removal.
+async fn janitor(client: &Client, output: Output, dry_run: bool) -> anyhow::Result<i32> {
+    let report: JanitorReport =
+        if dry_run { client.get("/v1/janitor").await? } else { client.post("/v1/janitor", &()).await? };
+    print(output, &report, |r| {
+        let mut t = Table::new(&["cloud", "kind", "id", "target", "why"]);
+        let row = |g: &Garbage, why: String| {
+            let id = match &g.region {
+                Some(region) => format!("{} ({region})", g.id),
+                None => g.id.clone(),
+            };
+            vec![g.cloud.to_string(), g.kind.as_str().into(), id, g.target.map_or("-".into(), |t| t.to_string()), why]
+        };
+        for g in &r.found {
+            t.row(row(g, g.why.clone()));
+        }
+        for f in &r.failed {
+            t.row(row(&f.garbage, format!("NOT REMOVED: {}", f.error)));
+        }
+        t
+    });
+    if output == Output::Table {
+        for skip in &report.skipped {
+            eprintln!("cloud {} skipped: {}", skip.cloud, skip.why);
+        }
+        let n = report.found.len();
+        match (dry_run, n) {
+            (true, 0) => eprintln!("nothing to remove"),
+            (true, n) => eprintln!("{n} to remove; run `kiln janitor` to remove them"),
+            (false, n) => eprintln!("{n} removed, {} not removed", report.failed.len()),
+        }
+    }
+    Ok(if report.failed.is_empty() { 0 } else { 1 })
 }
 
 async fn cloud(client: &Client, output: Output, command: CloudCommand) -> anyhow::Result<()> {

@@ -68,6 +68,13 @@ pub enum Command {
     /// API tokens and their roles (admin).
     #[command(subcommand)]
     Token(token::TokenCommand),
+    /// Remove what a crash left on the clouds: resources this coordinator made
+    /// whose target has ended or is unknown (admin).
+    Janitor {
+        /// List what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Internal: QEMU runs this for each guest connection to kiln's guest-side
     /// address; it relays the connection to a socket in the data directory.
     #[command(hide = true)]

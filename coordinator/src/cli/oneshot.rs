@@ -62,7 +62,7 @@ pub async fn run(args: OneShotArgs, output: Output, mut start: StartArgs) -> any
     // TCP listeners only serve this process's own client.
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let listeners = Listeners::bind(loopback, loopback, loopback).await.context("cannot bind loopback ports")?;
-    let providers = super::serve::builtin_providers(&config);
+    let providers = super::serve::builtin_providers(&config).context("cannot start the coordinator")?;
     let server = Server::start(config, providers, listeners).await.context("cannot start the coordinator")?;
     let app = server.app().clone();
     // This process's own client: a token that lives as long as it does.

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::providers::Providers;
 use crate::providers::ec2::Ec2Provider;
 use crate::providers::openstack::OpenstackProvider;
+use crate::providers::owner::{CoordinatorId, OwnerError};
 use crate::providers::qemu::QemuProvider;
 use crate::server::{Listeners, Server};
 
@@ -74,6 +75,9 @@ pub struct ServeArgs {
     /// Seconds from launch until the agent must have phoned home.
     #[arg(long, default_value_t = 600)]
     pub agent_timeout_secs: u64,
+    /// Seconds between janitor runs (it also runs once at start); 0: only at start.
+    #[arg(long, default_value_t = 600)]
+    pub janitor_interval_secs: u64,
     /// The most log bytes one target may store; past it the target fails
     /// (`log_quota`) and its log up to there stays readable.
     #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -108,11 +112,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.limits.listen.max_connections = args.max_connections as usize;
     config.limits.listen.header_timeout = Duration::from_secs(args.header_timeout_secs);
     config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);
+    config.janitor_interval = (args.janitor_interval_secs > 0).then(|| Duration::from_secs(args.janitor_interval_secs));
     config.check().map_err(anyhow::Error::msg)?;
     let listeners = Listeners::bind(args.listen, args.agent_listen, args.bootstrap_listen)
         .await
         .context("cannot bind the listeners; is another kiln running? pick other ports with --listen, --agent-listen, --bootstrap-listen")?;
-    let providers = builtin_providers(&config);
+    let providers = builtin_providers(&config).context("cannot start the coordinator")?;
     let server = Server::start(config, providers, listeners).await.context("cannot start the coordinator")?;
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot watch SIGTERM")?;
@@ -130,10 +135,12 @@ pub fn absolute(paths: Vec<PathBuf>) -> Vec<PathBuf> {
     paths.into_iter().map(|p| std::path::absolute(&p).unwrap_or(p)).collect()
 }
 
-/// The providers compiled into kiln.
-pub fn builtin_providers(config: &Config) -> Providers {
-    Providers::new()
+/// The providers compiled into kiln, tagging what they create with the data
+/// directory's coordinator id (made at its first start).
+pub fn builtin_providers(config: &Config) -> Result<Providers, OwnerError> {
+    let owner = CoordinatorId::load_or_create(&config.data_dir)?;
+    Ok(Providers::new()
         .with(CloudKind::Qemu, Arc::new(QemuProvider::new(config)))
-        .with(CloudKind::Ec2, Arc::new(Ec2Provider::new()))
-        .with(CloudKind::Openstack, Arc::new(OpenstackProvider::new()))
+        .with(CloudKind::Ec2, Arc::new(Ec2Provider::new(owner.clone())))
+        .with(CloudKind::Openstack, Arc::new(OpenstackProvider::new(owner))))
 }

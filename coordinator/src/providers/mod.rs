@@ -7,7 +7,11 @@
 
 pub mod ec2;
 pub mod openstack;
+pub mod owner;
 pub mod qemu;
+
+pub use kiln_protocol::api::ResourceKind;
+pub use owner::CoordinatorId;
 
 use kiln_protocol::quote::quote;
 use std::collections::HashMap;
@@ -173,6 +177,21 @@ impl ProviderError {
     }
 }
 
+/// A resource this coordinator made, as its cloud lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnedResource {
+    pub kind: ResourceKind,
+    /// The cloud's id for it (an instance id, an AMI id, a snapshot id, a path).
+    pub id: String,
+    /// The target it was made for, from its `kiln:target` tag; `None` when
+    /// the tag is missing or unreadable.
+    pub target: Option<TargetId>,
+    /// For a regional copy or a snapshot: the image it copies or backs.
+    pub source_image: Option<String>,
+    /// Where it lives when that is not the cloud's own region (a copy's region).
+    pub region: Option<String>,
+}
+
 /// Why an enrolling agent's instance identity was refused: the message says
 /// what was wrong and what to check.
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +290,14 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Deletes an image and what backs it; "not found" is success.
     async fn delete_image(&self, cloud: &Cloud, image: &ImageId) -> Result<(), ProviderError>;
+
+    /// Everything this coordinator made on `cloud` that still exists:
+    /// instances, images (with their regional copies) and snapshots, found by
+    /// the coordinator's tag (or, on the local cloud, under its data directory).
+    async fn owned(&self, cloud: &Cloud) -> Result<Vec<OwnedResource>, ProviderError>;
+
+    /// Removes one resource [`Provider::owned`] listed; "not found" is success.
+    async fn remove(&self, cloud: &Cloud, resource: &OwnedResource) -> Result<(), ProviderError>;
 }
 
 /// The providers this coordinator has, by cloud kind.

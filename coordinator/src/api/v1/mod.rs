@@ -7,6 +7,7 @@ mod clouds;
 mod document;
 mod generators;
 mod images;
+mod janitor;
 mod logs;
 
 use axum::Router;
@@ -20,13 +21,14 @@ use crate::app::App;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "kiln", description = "Build consistent VM images on many clouds at once, without SSH.\n\nEvery operation but `health`, `login`, `logout` and this document needs an API token with a role (viewer reads; builder also saves generators and starts and cancels builds; admin also manages clouds, images and tokens), sent as `Authorization: Bearer <token>`, or the page's session cookie plus its CSRF token in `X-Kiln-Csrf` for changes."),
+    info(title = "kiln", description = "Build consistent VM images on many clouds at once, without SSH.\n\nEvery operation but `health`, `login`, `logout` and this document needs an API token with a role (viewer reads; builder also saves generators and starts and cancels builds; admin also manages clouds, images and tokens, and runs the janitor), sent as `Authorization: Bearer <token>`, or the page's session cookie plus its CSRF token in `X-Kiln-Csrf` for changes."),
     tags(
         (name = "access", description = "API tokens, the page's login, health"),
         (name = "clouds", description = "Configured target clouds"),
         (name = "generators", description = "Scripts and per-cloud base images, with immutable revisions"),
         (name = "builds", description = "Runs of a revision on a set of clouds, and their logs"),
         (name = "images", description = "What builds made, with provenance"),
+        (name = "janitor", description = "Resources a crash left on a cloud: listed, and removed"),
     )
 )]
 struct ApiDoc;
@@ -50,6 +52,7 @@ fn routes() -> OpenApiRouter<App> {
         .routes(routes!(logs::follow))
         .routes(routes!(images::list))
         .routes(routes!(images::show, images::remove))
+        .routes(routes!(janitor::dry_run, janitor::run))
 }
 
 /// The OpenAPI document of the public API.

@@ -7,6 +7,12 @@
 //! starts a second VM even where ClientToken is not honoured. The image is
 //! CreateImage of the stopped instance, tagged with its provenance; undo
 //! deregisters a half-made image and deletes its snapshots.
+//!
+//! Everything carries the `kiln:coordinator` tag: instances and their volumes
+//! from RunInstances, images from CreateImage, their snapshots from a
+//! CreateTags once the image is available (a snapshot TagSpecification on
+//! CreateImage is not accepted everywhere), regional copies from their
+//! CreateTags. The janitor lists and removes by that tag.
 
 mod client;
 mod errors;
@@ -31,20 +37,29 @@ use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
 use self::client::Clients;
 use self::settings::{IdentityCheck, Settings};
 use super::{
-    IdentityRefused, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    CoordinatorId, IdentityRefused, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch,
+    OwnedResource, Provider, ProviderError, ProviderErrorKind, ResourceKind,
 };
 
+/// The tag naming the coordinator that made a resource.
+pub const COORDINATOR_TAG: &str = "kiln:coordinator";
+/// The tag linking a regional copy or a snapshot to its image.
+pub const SOURCE_IMAGE_TAG: &str = "kiln:source-image";
+
 /// Runs targets on EC2-compatible clouds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ec2Provider {
     clients: Clients,
+    /// Tagged on everything this provider creates.
+    owner: CoordinatorId,
     /// Clouds already logged as enrolling agents without an identity check.
     unchecked: Mutex<HashSet<String>>,
 }
 
 impl Ec2Provider {
-    pub fn new() -> Self {
-        Self::default()
+    /// A provider tagging what it creates with `owner`.
+    pub fn new(owner: CoordinatorId) -> Self {
+        Self { clients: Clients::default(), owner, unchecked: Mutex::default() }
     }
 
     async fn client(&self, cloud: &Cloud) -> Result<(Client, Settings), ProviderError> {
@@ -53,10 +68,12 @@ impl Ec2Provider {
     }
 }
 
-/// The provenance tags every instance, volume and image of a target carries.
-pub fn provenance_tags(p: &Provenance, name: &str) -> Vec<Tag> {
+/// The provenance tags every instance, volume and image of a target carries,
+/// with the coordinator that made it.
+pub fn provenance_tags(p: &Provenance, name: &str, owner: &CoordinatorId) -> Vec<Tag> {
     [
         ("Name", name.to_owned()),
+        (COORDINATOR_TAG, owner.to_string()),
         ("kiln:build", p.build.to_string()),
         ("kiln:target", p.target.to_string()),
         ("kiln:generator", p.generator.to_string()),
@@ -191,7 +208,7 @@ impl Provider for Ec2Provider {
             tracing::info!(instance = id, "reusing the instance of an earlier launch");
             return Ok(InstanceId(id.to_owned()));
         }
-        let tags = provenance_tags(launch.provenance, &launch.name);
+        let tags = provenance_tags(launch.provenance, &launch.name, &self.owner);
         let user_data = base64::engine::general_purpose::STANDARD.encode(&launch.user_data);
         let instance_type = launch.spec.instance_type.clone().unwrap_or(settings.instance_type);
         let mut req = ec2
@@ -287,7 +304,7 @@ impl Provider for Ec2Provider {
         if let Some(id) = existing.images().first().and_then(|i| i.image_id()) {
             return Ok(ImageId(id.to_owned()));
         }
-        let tags = provenance_tags(provenance, name);
+        let tags = provenance_tags(provenance, name, &self.owner);
         // Image tags only: a snapshot TagSpecification is not accepted everywhere.
         let out = ec2
             .create_image()
@@ -309,6 +326,7 @@ impl Provider for Ec2Provider {
         let ImageProgress::Ready(info) = look_at(&ec2, &image.0).await? else {
             return Ok(ImageProgress::Pending);
         };
+        tag_snapshots(&ec2, &image.0).await?;
         // Then each regional copy: started once, and looked at once per poll.
         let mut pending = false;
         for region in &settings.copy_to_regions {
@@ -351,6 +369,134 @@ impl Provider for Ec2Provider {
         }
         Ok(())
     }
+
+    async fn owned(&self, cloud: &Cloud) -> Result<Vec<OwnedResource>, ProviderError> {
+        let (ec2, settings) = self.client(cloud).await?;
+        let owner = Filter::builder().name(format!("tag:{COORDINATOR_TAG}")).values(self.owner.as_str()).build();
+        let mut out = Vec::new();
+        let instances = ec2
+            .describe_instances()
+            .filters(owner.clone())
+            .send()
+            .await
+            .map_err(|e| errors::map("listing this coordinator's instances", e))?;
+        for i in instances.reservations().iter().flat_map(|r| r.instances()) {
+            let gone = matches!(i.state().and_then(|s| s.name()), Some(InstanceStateName::Terminated));
+            if let (false, Some(id)) = (gone, i.instance_id()) {
+                out.push(owned_resource(ResourceKind::Instance, id, i.tags(), None));
+            }
+        }
+        // Images and snapshots in the cloud's region, then copies in each copy region.
+        let regions = std::iter::once(None).chain(settings.copy_to_regions.iter().map(Some));
+        for region in regions {
+            let client = match region {
+                None => ec2.clone(),
+                Some(r) => self.clients.get(cloud, r).await,
+            };
+            let images = client
+                .describe_images()
+                .owners("self")
+                .filters(owner.clone())
+                .send()
+                .await
+                .map_err(|e| errors::map("listing this coordinator's images", e))?;
+            for i in images.images() {
+                if let Some(id) = i.image_id() {
+                    out.push(owned_resource(ResourceKind::Image, id, i.tags(), region.cloned()));
+                }
+            }
+            let snapshots = client
+                .describe_snapshots()
+                .owner_ids("self")
+                .filters(owner.clone())
+                .send()
+                .await
+                .map_err(|e| errors::map("listing this coordinator's snapshots", e))?;
+            for s in snapshots.snapshots() {
+                if let Some(id) = s.snapshot_id() {
+                    out.push(owned_resource(ResourceKind::Snapshot, id, s.tags(), region.cloned()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, cloud: &Cloud, resource: &OwnedResource) -> Result<(), ProviderError> {
+        let (ec2, _) = self.client(cloud).await?;
+        let client = match &resource.region {
+            None => ec2,
+            Some(region) => self.clients.get(cloud, region).await,
+        };
+        match resource.kind {
+            ResourceKind::Instance => self.terminate(cloud, &InstanceId(resource.id.clone())).await,
+            ResourceKind::Image => delete_image_in(&client, &resource.id).await,
+            ResourceKind::Snapshot => delete_snapshot(&client, &resource.id).await,
+        }
+    }
+}
+
+/// A listed resource with the target and source image its tags name.
+fn owned_resource(kind: ResourceKind, id: &str, tags: &[Tag], region: Option<String>) -> OwnedResource {
+    let tag = |key: &str| tags.iter().find(|t| t.key() == Some(key)).and_then(|t| t.value()).map(String::from);
+    OwnedResource {
+        kind,
+        id: id.to_owned(),
+        target: tag("kiln:target").and_then(|t| t.parse().ok()),
+        source_image: tag(SOURCE_IMAGE_TAG),
+        region,
+    }
+}
+
+/// Gives an available image's snapshots the image's tags, the coordinator's
+/// among them, and a link back to the image; once per image (a tagged
+/// snapshot is left as it is).
+async fn tag_snapshots(ec2: &Client, image: &str) -> Result<(), ProviderError> {
+    let out = ec2.describe_images().image_ids(image).send().await.map_err(|e| errors::map("DescribeImages", e))?;
+    let Some(found) = out.images().first() else { return Ok(()) };
+    let snapshots: Vec<String> = found
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(String::from))
+        .collect();
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    let described = ec2
+        .describe_snapshots()
+        .set_snapshot_ids(Some(snapshots.clone()))
+        .send()
+        .await
+        .map_err(|e| errors::map("DescribeSnapshots", e))?;
+    let tagged = |id: &str| {
+        described
+            .snapshots()
+            .iter()
+            .any(|s| s.snapshot_id() == Some(id) && s.tags().iter().any(|t| t.key() == Some(COORDINATOR_TAG)))
+    };
+    let untagged: Vec<String> = snapshots.into_iter().filter(|s| !tagged(s)).collect();
+    if untagged.is_empty() {
+        return Ok(());
+    }
+    let mut tags: Vec<Tag> = found.tags().iter().filter(|t| t.key() != Some(SOURCE_IMAGE_TAG)).cloned().collect();
+    tags.push(Tag::builder().key(SOURCE_IMAGE_TAG).value(image).build());
+    ec2.create_tags()
+        .set_resources(Some(untagged))
+        .set_tags(Some(tags))
+        .send()
+        .await
+        .map_err(|e| errors::map("CreateTags on the image's snapshots", e))?;
+    Ok(())
+}
+
+/// Deletes a snapshot; a missing one is fine.
+async fn delete_snapshot(ec2: &Client, snapshot: &str) -> Result<(), ProviderError> {
+    match ec2.delete_snapshot().snapshot_id(snapshot).send().await {
+        Ok(_) => Ok(()),
+        Err(e) => match errors::map("DeleteSnapshot", e) {
+            e if e.kind == ProviderErrorKind::NotFound => Ok(()),
+            e => Err(e),
+        },
+    }
 }
 
 /// Starts copying an available image to `region`, with its tags (and a
@@ -378,7 +524,7 @@ async fn start_copy(
         .map_err(|e| errors::map(&format!("CopyImage to {region}"), e))?;
     let copy = out.image_id().unwrap_or_default().to_owned();
     let mut tags = src.tags().to_vec();
-    tags.push(Tag::builder().key("kiln:source-image").value(image).build());
+    tags.push(Tag::builder().key(SOURCE_IMAGE_TAG).value(image).build());
     dest.create_tags()
         .resources(&copy)
         .set_tags(Some(tags))
@@ -393,7 +539,7 @@ async fn copies_of(ec2: &Client, image: &str) -> Result<Vec<String>, ProviderErr
     let out = ec2
         .describe_images()
         .owners("self")
-        .filters(Filter::builder().name("tag:kiln:source-image").values(image).build())
+        .filters(Filter::builder().name(format!("tag:{SOURCE_IMAGE_TAG}")).values(image).build())
         .send()
         .await
         .map_err(|e| errors::map("looking for copies", e))?;
@@ -453,12 +599,7 @@ async fn delete_image_in(ec2: &Client, image: &str) -> Result<(), ProviderError>
         }
     }
     for snapshot in snapshots {
-        if let Err(e) = ec2.delete_snapshot().snapshot_id(&snapshot).send().await {
-            let e = errors::map("DeleteSnapshot", e);
-            if e.kind != ProviderErrorKind::NotFound {
-                return Err(e);
-            }
-        }
+        delete_snapshot(ec2, &snapshot).await?;
     }
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! cloud, or, with `ask_password=true`, given with each build and held in
 //! memory for that build only. A server carries the provenance as metadata,
 //! the image as properties; createImage uses compute microversion 2.47.
+//! Both carry `kiln_coordinator`, by which the janitor finds what this
+//! coordinator made.
 
 mod session;
 mod settings;
@@ -23,7 +25,13 @@ use tokio::sync::Mutex;
 
 use self::session::{Service, Session};
 use self::settings::Settings;
-use super::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
+use super::{
+    CoordinatorId, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, OwnedResource, Provider,
+    ProviderError, ProviderErrorKind, ResourceKind,
+};
+
+/// The metadata key (server) and property (image) naming the coordinator.
+pub const COORDINATOR_KEY: &str = "kiln_coordinator";
 
 /// Runs targets on OpenStack clouds.
 #[derive(Debug)]
@@ -31,21 +39,19 @@ pub struct OpenstackProvider {
     http: reqwest::Client,
     /// Sessions by cloud, user and a hash of the password (never the password).
     sessions: Mutex<HashMap<String, Arc<Session>>>,
-}
-
-impl Default for OpenstackProvider {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// Set on every server and image this provider creates.
+    owner: CoordinatorId,
 }
 
 fn failed(message: impl Into<String>) -> ProviderError {
     ProviderError::new(ProviderErrorKind::Failed, message)
 }
 
-/// The provenance as string key-values, for server metadata and image properties.
-fn provenance_metadata(p: &Provenance) -> Value {
+/// The provenance as string key-values, for server metadata and image
+/// properties, with the coordinator that made it.
+fn provenance_metadata(p: &Provenance, owner: &CoordinatorId) -> Value {
     json!({
+        COORDINATOR_KEY: owner.as_str(),
         "kiln_build": p.build.to_string(),
         "kiln_target": p.target.to_string(),
         "kiln_generator": p.generator.to_string(),
@@ -57,13 +63,14 @@ fn provenance_metadata(p: &Provenance) -> Value {
 }
 
 impl OpenstackProvider {
-    pub fn new() -> Self {
+    /// A provider marking what it creates with `owner`.
+    pub fn new(owner: CoordinatorId) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .build()
             .expect("a plain reqwest client builds");
-        Self { http, sessions: Mutex::default() }
+        Self { http, sessions: Mutex::default(), owner }
     }
 
     async fn session(&self, cloud: &Cloud) -> Result<Arc<Session>, ProviderError> {
@@ -199,7 +206,7 @@ impl Provider for OpenstackProvider {
             "imageRef": launch.spec.base_image,
             "flavorRef": flavor,
             "networks": networks,
-            "metadata": provenance_metadata(launch.provenance),
+            "metadata": provenance_metadata(launch.provenance, &self.owner),
             "user_data": base64::engine::general_purpose::STANDARD.encode(&launch.user_data),
         });
         if !groups.is_empty() {
@@ -264,7 +271,7 @@ impl Provider for OpenstackProvider {
         if let Some(id) = self.find_image(&s, name).await? {
             return Ok(ImageId(id));
         }
-        let body = json!({"createImage": {"name": name, "metadata": provenance_metadata(provenance)}});
+        let body = json!({"createImage": {"name": name, "metadata": provenance_metadata(provenance, &self.owner)}});
         let path = format!("/servers/{}/action", instance.0);
         let (_, v) = s.call("creating the image", Service::Compute, Method::POST, &path, Some(&body)).await?;
         v["image_id"]
@@ -281,7 +288,9 @@ impl Provider for OpenstackProvider {
             "active" => Ok(ImageProgress::Ready(ImageInfo {
                 size_bytes: v["size"].as_u64(),
                 virtual_size_bytes: v["virtual_size"].as_u64(),
-                sha256: (v["os_hash_algo"] == "sha256").then(|| v["os_hash_value"].as_str().map(String::from)).flatten(),
+                sha256: (v["os_hash_algo"] == "sha256")
+                    .then(|| v["os_hash_value"].as_str().map(String::from))
+                    .flatten(),
             })),
             "killed" | "deleted" | "pending_delete" | "deactivated" => {
                 Err(failed(format!("Glance reports image {} as {}", image.0, v["status"])))
@@ -315,6 +324,45 @@ impl Provider for OpenstackProvider {
             Ok(_) => Ok(()),
             Err(e) if e.kind == ProviderErrorKind::NotFound => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    async fn owned(&self, cloud: &Cloud) -> Result<Vec<OwnedResource>, ProviderError> {
+        let s = self.session(cloud).await?;
+        let mine = |v: &Value| v[COORDINATOR_KEY] == self.owner.as_str();
+        let target = |v: &Value| v["kiln_target"].as_str().and_then(|t| t.parse().ok());
+        let mut out = Vec::new();
+        // Nova lists no servers by metadata: list them all and look.
+        let (_, servers) = s.call("listing servers", Service::Compute, Method::GET, "/servers/detail", None).await?;
+        for v in servers["servers"].as_array().into_iter().flatten().filter(|v| mine(&v["metadata"])) {
+            if let Some(id) = v["id"].as_str() {
+                let kind = ResourceKind::Instance;
+                out.push(OwnedResource {
+                    kind,
+                    id: id.into(),
+                    target: target(&v["metadata"]),
+                    source_image: None,
+                    region: None,
+                });
+            }
+        }
+        // Glance filters by property; each is checked again here all the same.
+        let path = format!("/v2/images?{COORDINATOR_KEY}={}", self.owner);
+        let (_, images) = s.call("listing images", Service::Image, Method::GET, &path, None).await?;
+        for v in images["images"].as_array().into_iter().flatten().filter(|v| mine(v)) {
+            if let Some(id) = v["id"].as_str() {
+                let kind = ResourceKind::Image;
+                out.push(OwnedResource { kind, id: id.into(), target: target(v), source_image: None, region: None });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, cloud: &Cloud, resource: &OwnedResource) -> Result<(), ProviderError> {
+        match resource.kind {
+            ResourceKind::Instance => self.terminate(cloud, &InstanceId(resource.id.clone())).await,
+            ResourceKind::Image => self.delete_image(cloud, &ImageId(resource.id.clone())).await,
+            ResourceKind::Snapshot => Ok(()),
         }
     }
 }

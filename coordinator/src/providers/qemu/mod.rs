@@ -28,8 +28,8 @@ use self::accel::Accel;
 use self::image::{BaseImage, Sources};
 use self::net::GuestNetwork;
 use super::{
-    AgentEndpoints, ImageId, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
-    ScriptNetwork, Served,
+    AgentEndpoints, ImageId, ImageProgress, InstanceId, InstanceState, Launch, OwnedResource, Provider, ProviderError,
+    ProviderErrorKind, ResourceKind, ScriptNetwork, Served,
 };
 use crate::config::Config;
 use crate::egress::Policy;
@@ -263,6 +263,68 @@ impl Provider for QemuProvider {
         }
         remove_dir(dir)
     }
+
+    /// Instance directories (with their QEMU, by pid file) and image
+    /// directories: both live under this coordinator's data directory, so
+    /// listing them is listing what it owns.
+    async fn owned(&self, _cloud: &Cloud) -> Result<Vec<OwnedResource>, ProviderError> {
+        let mut out = Vec::new();
+        for (name, _) in subdirs(&self.root.join("instances"))? {
+            let target = name.strip_prefix("qemu-").and_then(|t| t.parse().ok());
+            out.push(OwnedResource {
+                kind: ResourceKind::Instance,
+                id: name,
+                target,
+                source_image: None,
+                region: None,
+            });
+        }
+        for (_, path) in subdirs(&self.images)? {
+            // Only what kiln made: a directory with a provenance.
+            if let Some(target) = image::target_of(&path) {
+                let id = path.display().to_string();
+                out.push(OwnedResource {
+                    kind: ResourceKind::Image,
+                    id,
+                    target: Some(target),
+                    source_image: None,
+                    region: None,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove(&self, cloud: &Cloud, resource: &OwnedResource) -> Result<(), ProviderError> {
+        match resource.kind {
+            ResourceKind::Instance => {
+                if resource.id.contains('/') || resource.id.starts_with('.') {
+                    return Err(invalid(format!("{} is not an instance of the local cloud", quote(&resource.id))));
+                }
+                self.terminate(cloud, &InstanceId(resource.id.clone())).await
+            }
+            ResourceKind::Image => self.delete_image(cloud, &ImageId(resource.id.clone())).await,
+            ResourceKind::Snapshot => Ok(()),
+        }
+    }
+}
+
+/// The subdirectories of `dir` (none when it does not exist), by name and path.
+fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>, ProviderError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(failed(format!("cannot list {}: {e}", dir.display()))),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| failed(format!("cannot list {}: {e}", dir.display())))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.push((entry.file_name().to_string_lossy().into_owned(), entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Removes a directory tree; one that is already gone counts as removed.

@@ -200,6 +200,16 @@ pub fn prepare(
         .map_err(|e| failed(format!("cannot write into {}: {e}", out.display())))
 }
 
+/// The target an image directory kiln made was made for, from its manifest
+/// or, while it is being made, its pending record; `None` for anything else.
+pub fn target_of(out: &Path) -> Option<kiln_protocol::TargetId> {
+    let read = |name: &str| std::fs::read(out.join(name)).ok();
+    if let Some(bytes) = read(MANIFEST) {
+        return serde_json::from_slice::<Manifest>(&bytes).ok()?.provenance.map(|p| p.target);
+    }
+    serde_json::from_slice::<Pending>(&read(PENDING)?).ok().map(|p| p.provenance.target)
+}
+
 /// Converts the overlay into a standalone qcow2 (once), and describes it.
 pub async fn finish(out: &Path) -> Result<ImageInfo, ProviderError> {
     let manifest_path = out.join(MANIFEST);
