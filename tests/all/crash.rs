@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use aws_sdk_ec2::types::InstanceStateName;
 use kiln_coordinator::cli::Client;
 use kiln_coordinator::failpoint;
 use kiln_protocol::api::{Build, FailureReason, Status};
 use kiln_tests::bed::{BUILD_LIMIT, follow_until};
-use aws_sdk_ec2::types::InstanceStateName;
 use kiln_tests::ec2::{GUEST_HOST, Metadata, Moto, Runner, RunnerConfig, register_ami};
 use kiln_tests::kiln_process::{KilnProcess, free_port, qemu_processes_in};
 use serde_json::json;
@@ -53,7 +53,13 @@ impl Crash {
                 expect: Status::Failed,
                 log: b"before\n",
             },
-            _ => Self { armed: vec![point], cancel_at_first: false, script: SCRIPT, expect: Status::Successful, log: b"before\nafter\n" },
+            _ => Self {
+                armed: vec![point],
+                cancel_at_first: false,
+                script: SCRIPT,
+                expect: Status::Successful,
+                log: b"before\nafter\n",
+            },
         }
     }
 }
@@ -264,7 +270,10 @@ async fn crash(bed: Bed, point: &'static str) {
         Status::Successful => {
             let image = recorded.as_deref().expect("a successful target has its image");
             if let Bed::Local = bed {
-                assert!(Path::new(image).join("disk.qcow2").exists(), "the recorded image is kept after a crash at {point}");
+                assert!(
+                    Path::new(image).join("disk.qcow2").exists(),
+                    "the recorded image is kept after a crash at {point}"
+                );
             }
         }
         Status::Failed => {

@@ -8,6 +8,7 @@
 //! - [`proxy`]: a TCP proxy that can cut every connection through it.
 //! - [`kiln_process`]: `kiln serve` and one-shot builds as real processes.
 //! - [`disk`]: an image's raw bytes, searched for secrets.
+//! - [`smallfs`]: a small tmpfs of a test's own, for a data directory that fills up.
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
@@ -18,6 +19,7 @@ pub mod kiln_process;
 pub mod openstack;
 pub mod process;
 pub mod proxy;
+pub mod smallfs;
 
 use std::path::PathBuf;
 

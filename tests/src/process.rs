@@ -14,8 +14,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use kiln_coordinator::providers::{
-    AgentEndpoints, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
-    Served,
+    AgentEndpoints, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError,
+    ProviderErrorKind, Served,
 };
 use kiln_protocol::agent::Instruction;
 use kiln_protocol::api::{Cloud, Provenance, TargetSpec};

@@ -31,7 +31,8 @@ use kiln_protocol::api::{Cloud, Provenance, TargetSpec};
 use self::client::Clients;
 use self::settings::{IdentityCheck, Settings};
 use super::{
-    IdentityRefused, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+    IdentityRefused, ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError,
+    ProviderErrorKind,
 };
 
 /// Runs targets on EC2-compatible clouds.

@@ -23,7 +23,9 @@ use tokio::sync::Mutex;
 
 use self::session::{Service, Session};
 use self::settings::Settings;
-use super::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind};
+use super::{
+    ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
+};
 
 /// Runs targets on OpenStack clouds.
 #[derive(Debug)]
@@ -281,7 +283,9 @@ impl Provider for OpenstackProvider {
             "active" => Ok(ImageProgress::Ready(ImageInfo {
                 size_bytes: v["size"].as_u64(),
                 virtual_size_bytes: v["virtual_size"].as_u64(),
-                sha256: (v["os_hash_algo"] == "sha256").then(|| v["os_hash_value"].as_str().map(String::from)).flatten(),
+                sha256: (v["os_hash_algo"] == "sha256")
+                    .then(|| v["os_hash_value"].as_str().map(String::from))
+                    .flatten(),
             })),
             "killed" | "deleted" | "pending_delete" | "deactivated" => {
                 Err(failed(format!("Glance reports image {} as {}", image.0, v["status"])))

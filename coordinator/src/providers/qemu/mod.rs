@@ -28,8 +28,8 @@ use self::accel::Accel;
 use self::image::{BaseImage, Sources};
 use self::net::GuestNetwork;
 use super::{
-    AgentEndpoints, ImageId, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError, ProviderErrorKind,
-    ScriptNetwork, Served,
+    AgentEndpoints, ImageId, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError,
+    ProviderErrorKind, ScriptNetwork, Served,
 };
 use crate::config::Config;
 use crate::egress::Policy;
