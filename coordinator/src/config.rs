@@ -133,6 +133,10 @@ impl GuestNet {
     }
 }
 
+/// The default of [`Limits::disk_reserve_bytes`]: room for sled's segments
+/// (512 KiB each) and a snapshot, many times over.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
+
 /// Sizes the API refuses to exceed.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -142,6 +146,10 @@ pub struct Limits {
     /// The most log bytes one target may store; past it the target fails
     /// (`log_quota`) and what was committed stays readable.
     pub log_quota_bytes: u64,
+    /// Free space kept on the data directory's file system for the store: a
+    /// log chunk that would leave less is refused (507) and its target fails
+    /// (`disk_full`), so sled can still record that and everything after.
+    pub disk_reserve_bytes: u64,
     /// What each listener allows.
     pub listen: ListenLimits,
 }
@@ -186,6 +194,7 @@ impl Default for Limits {
             max_script_bytes: 1024 * 1024,
             max_script_timeout: Duration::from_secs(24 * 3600),
             log_quota_bytes: 1 << 30,
+            disk_reserve_bytes: DEFAULT_DISK_RESERVE,
             listen: ListenLimits::default(),
         }
     }

@@ -274,6 +274,9 @@ pub enum FailureReason {
     /// The script's output passed the target's log quota (the coordinator's
     /// `--log-quota-bytes`, 1 GiB by default); the log up to it is kept.
     LogQuota,
+    /// The coordinator's data directory is full (less free than its
+    /// `--disk-reserve-bytes`): the log stops where it was, and is kept.
+    DiskFull,
 }
 
 /// The failure of one target: where, why, and what to do about it.

@@ -23,6 +23,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A byte range that starts past what the resource holds.
     RangeNotSatisfiable,
+    /// The coordinator's data directory has no room for what was sent (507).
+    InsufficientStorage,
 }
 
 /// What every error response carries: a code and a sentence saying what to fix.

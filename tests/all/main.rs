@@ -8,6 +8,7 @@ mod builds;
 mod cli;
 mod confinement;
 mod crash;
+mod disk_full;
 mod ec2;
 mod ec2_bed;
 mod ec2_identity;

@@ -34,6 +34,12 @@ pub struct Options {
     pub seal: Duration,
     /// The most log bytes one target may store.
     pub log_quota: u64,
+    /// The coordinator's data directory, e.g. on a small file system the
+    /// test mounted (default: `data` in the bed's temporary directory).
+    pub data_dir: Option<PathBuf>,
+    /// Free space the coordinator keeps on its data directory's file system
+    /// (default: kiln's own, 64 MiB).
+    pub disk_reserve: Option<u64>,
 }
 
 impl Default for Options {
@@ -44,6 +50,8 @@ impl Default for Options {
             real_qemu: false,
             seal: Duration::from_secs(120),
             log_quota: 1 << 30,
+            data_dir: None,
+            disk_reserve: None,
         }
     }
 }
@@ -117,7 +125,7 @@ impl Bed {
 
     /// The coordinator's data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        data_dir(&self.dir, &self.opts)
     }
 
     /// Stops the coordinator mid-flight and starts it again on the same data
@@ -330,8 +338,12 @@ pub fn admin_token(config: &Config) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).trim().to_owned()
 }
 
+fn data_dir(dir: &TempDir, opts: &Options) -> PathBuf {
+    opts.data_dir.clone().unwrap_or_else(|| dir.path().join("data"))
+}
+
 fn config(dir: &TempDir, opts: &Options) -> Config {
-    let mut config = Config::new(dir.path().join("data"));
+    let mut config = Config::new(data_dir(dir, opts));
     config.image_dirs = image_dirs(dir);
     // QEMU guests see the host's loopback at 10.0.2.2; the process provider uses 127.0.0.1.
     config.public_host = "10.0.2.2".into();
@@ -346,6 +358,9 @@ fn config(dir: &TempDir, opts: &Options) -> Config {
     config.timeouts.agent_contact = opts.agent_contact;
     config.timeouts.seal = opts.seal;
     config.limits.log_quota_bytes = opts.log_quota;
+    if let Some(reserve) = opts.disk_reserve {
+        config.limits.disk_reserve_bytes = reserve;
+    }
     config
 }
 

@@ -10,6 +10,7 @@
 //! - [`crash_bed`]: `kiln serve` killed and restarted on one data directory,
 //!   on the local cloud or the EC2 bed, and what the cloud still holds.
 //! - [`disk`]: an image's raw bytes, searched for secrets.
+//! - [`smallfs`]: a small tmpfs of a test's own, for a data directory that fills up.
 //! - [`agent_binary`]: where the static agent binary is.
 
 pub mod bed;
@@ -21,6 +22,7 @@ pub mod kiln_process;
 pub mod openstack;
 pub mod process;
 pub mod proxy;
+pub mod smallfs;
 
 use std::path::PathBuf;
 

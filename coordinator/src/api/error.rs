@@ -1,11 +1,14 @@
 //! Every error leaves as JSON with a code and a sentence saying what to fix.
 
+use std::io::ErrorKind;
+
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use kiln_protocol::error::{ErrorBody, ErrorCode};
 
 use crate::app::AppError;
+use crate::store::StoreError;
 
 /// An error on its way to the client.
 #[derive(Debug)]
@@ -44,6 +47,13 @@ impl From<AppError> for ApiError {
             AppError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, C::Unavailable),
             AppError::RangeNotSatisfiable(_) => (S::RANGE_NOT_SATISFIABLE, C::RangeNotSatisfiable),
             AppError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, C::PayloadTooLarge),
+            AppError::DiskFull(_) => (S::INSUFFICIENT_STORAGE, C::InsufficientStorage),
+            AppError::Store(StoreError::Sled(db)) => {
+                // The database could not be read or written (most often: its
+                // disk is full). A retry may succeed, and nothing changed.
+                tracing::error!(error = ?crate::error_chain(&e), "database error");
+                return ApiError::new(S::SERVICE_UNAVAILABLE, C::Unavailable, database_message(db));
+            }
             AppError::Store(_)
             | AppError::Io(_)
             | AppError::Pki(_)
@@ -54,6 +64,21 @@ impl From<AppError> for ApiError {
             }
         };
         ApiError::new(status, code, message)
+    }
+}
+
+/// What a client is told when the database fails.
+fn database_message(e: &sled::Error) -> String {
+    let full =
+        matches!(e, sled::Error::Io(io) if matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded));
+    if full {
+        "the coordinator's database cannot be written: the disk of its data directory is full. \
+         Free space there, then restart kiln (its database refuses writes until it is reopened)"
+            .to_owned()
+    } else {
+        "the coordinator's database cannot be read or written just now; try again, and if this persists \
+         see the coordinator's log and restart it"
+            .to_owned()
     }
 }
 

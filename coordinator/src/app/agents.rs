@@ -205,16 +205,50 @@ impl App {
         }
         let masker = self.masker(&t)?;
         if masker.is_empty() && !self.0.store.has_mask_cursor(target)? {
-            return match self.0.logs.append(target, offset, bytes).await? {
-                Append::Committed(committed) => {
+            return match self.0.logs.append(target, offset, bytes).await {
+                Ok(Append::Committed(committed)) => {
                     self.notify();
                     Ok(LogAck { committed })
                 }
-                Append::Mismatch { committed } => Err(AppError::LogMismatch { committed }),
+                Ok(Append::Mismatch { committed }) => Err(AppError::LogMismatch { committed }),
+                Err(e) => match AppError::from(e) {
+                    AppError::DiskFull(why) => Err(self.fail_disk_full(&t, &why).await),
+                    other => Err(other),
+                },
             };
         }
-        let committed = self.append_masked(target, offset, &bytes, &masker, false).await?;
+        let committed = match self.append_masked(target, offset, &bytes, &masker, false).await {
+            Err(AppError::DiskFull(why)) => return Err(self.fail_disk_full(&t, &why).await),
+            other => other?,
+        };
         Ok(LogAck { committed })
+    }
+
+    /// Fails a target whose log chunk found the data directory full (below
+    /// its reserve); the committed log stays as it is. The reserve is there so
+    /// that this write, and the unwind after it, still fit. The agent's
+    /// answer: 507, then 403 once it tries again.
+    async fn fail_disk_full(&self, t: &TargetRecord, full: &str) -> AppError {
+        let dir = self.0.config.data_dir.display();
+        tracing::error!(build = %t.build, target = %t.id, error = full, "the data directory is full; failing the target");
+        let failed = self.0.store.update_target(t.id, |r| {
+            r.fail(
+                FailureReason::DiskFull,
+                format!(
+                    "the coordinator's data directory {dir} is full ({full}), so the script's output was cut off; \
+                     the log up to there is kept. Free space on that disk (delete images you no longer need with \
+                     `kiln image rm NAME`, and other files there), or move --data-dir to a larger disk, then build again"
+                ),
+            )
+        });
+        if let Err(e) = failed {
+            return e.into();
+        }
+        if let Err(e) = self.0.store.flush().await {
+            return e.into();
+        }
+        self.notify();
+        AppError::DiskFull(format!("{full}; nothing of this chunk was kept and the target has failed"))
     }
 
     /// Fails a target whose output passed the log quota; the committed log
@@ -309,7 +343,12 @@ impl App {
         if committed == report.total_bytes && self.0.store.has_mask_cursor(target)? {
             // Every byte is in: what was held back as a possible secret's start is not one.
             let masker = self.masker(&t)?;
-            self.append_masked(target, committed, &[], &masker, true).await?;
+            if let Err(e) = self.append_masked(target, committed, &[], &masker, true).await {
+                return Err(match e {
+                    AppError::DiskFull(why) => self.fail_disk_full(&t, &why).await,
+                    other => other,
+                });
+            }
         }
         if committed > report.total_bytes {
             let message =

@@ -1,6 +1,7 @@
 //! The application layer's errors; the API turns each into a status code.
 
 use crate::store::StoreError;
+use crate::store::logs::LogError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -24,6 +25,10 @@ pub enum AppError {
     RangeNotSatisfiable(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The data directory has no room for what was sent; nothing of it was
+    /// kept. Holds why (the file system's free space and the reserve).
+    #[error("the coordinator's data directory is full: {0}")]
+    DiskFull(String),
     #[error("internal error")]
     Store(#[source] StoreError),
     #[error("internal error")]
@@ -41,6 +46,15 @@ pub enum AppError {
 impl AppError {
     pub(crate) fn not_found(what: impl std::fmt::Display, hint: &str) -> Self {
         Self::NotFound(format!("{what} does not exist; {hint}"))
+    }
+}
+
+impl From<LogError> for AppError {
+    fn from(e: LogError) -> Self {
+        match e {
+            full @ LogError::Full { .. } => Self::DiskFull(full.to_string()),
+            LogError::Io(e) => Self::Io(e),
+        }
     }
 }
 

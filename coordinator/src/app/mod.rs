@@ -90,7 +90,7 @@ impl App {
         crate::secrets::modes::check(dir)?;
         let key = SecretKey::load_or_create(dir)?;
         let store = Store::open(&dir.join("db"), key)?;
-        let logs = LogFiles::open(&dir.join("logs"))?;
+        let logs = LogFiles::open(&dir.join("logs"), config.limits.disk_reserve_bytes)?;
         let pki = Pki::load_or_create(&dir.join("pki"), &config.certificate_names())?;
         let agent_binary = load_agent_binary(&config.agent_binary);
         let app = App(Arc::new(Inner {
@@ -155,7 +155,10 @@ impl App {
         self.0.shutdown.cancel();
         self.0.tasks.close();
         self.0.tasks.wait().await;
-        let _ = self.0.store.flush().await;
+        tracing::debug!("workflows stopped; flushing the store");
+        if let Err(e) = self.0.store.flush().await {
+            tracing::error!(error = ?crate::error_chain(&e), "cannot flush the store at shutdown");
+        }
     }
 }
 

@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// (`log_quota`) and its log up to there stays readable.
     #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
     pub log_quota_bytes: u64,
+    /// Free space to keep on the data directory's file system for kiln's
+    /// database: a log chunk that would leave less is refused and its target
+    /// fails (`disk_full`).
+    #[arg(long, default_value_t = crate::config::DEFAULT_DISK_RESERVE)]
+    pub disk_reserve_bytes: u64,
     /// Connections each listener holds at once; one more is closed at once.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub max_connections: u64,
@@ -109,6 +114,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.api_hosts = args.api_hosts;
     config.limits.max_script_bytes = args.max_script_bytes;
     config.limits.log_quota_bytes = args.log_quota_bytes;
+    config.limits.disk_reserve_bytes = args.disk_reserve_bytes;
     config.limits.listen.max_connections = args.max_connections as usize;
     config.limits.listen.header_timeout = Duration::from_secs(args.header_timeout_secs);
     config.timeouts.agent_contact = Duration::from_secs(args.agent_timeout_secs);

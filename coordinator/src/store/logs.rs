@@ -13,6 +13,13 @@
 //! says how many raw bytes were taken and holds the last few back while they
 //! may begin a secret; [`masked_append`] is the pure step from one cursor to
 //! the next, and the cursor is stored before the chunk is acknowledged.
+//!
+//! A full disk: a chunk that would leave the file system with less free than
+//! the reserve is refused whole ([`LogError::Full`]) before a byte of it is
+//! written, so the store keeps room to record what happened. Should the disk
+//! fill all the same (another process, a write racing this one), a failed
+//! write or sync is cut back to the committed length: nothing of a refused
+//! chunk stays in the file to be counted later.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -35,17 +42,35 @@ pub enum Append {
     Mismatch { committed: u64 },
 }
 
+/// Why a chunk was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The file system has no room for the chunk above the reserve; the
+    /// file is as it was.
+    #[error(
+        "the file system of {} has {free} bytes free; {needed} more would leave less than the {reserve} bytes kept for the store",
+        dir.display()
+    )]
+    Full { dir: PathBuf, free: u64, needed: u64, reserve: u64 },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// The directory of log files, with one writer at a time per target.
 #[derive(Debug)]
 pub struct LogFiles {
     dir: PathBuf,
+    /// Free bytes a write must leave on the file system.
+    reserve: u64,
     locks: Mutex<HashMap<TargetId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl LogFiles {
-    pub fn open(dir: &Path) -> io::Result<Self> {
+    /// Opens the log directory; every write leaves at least `reserve` bytes
+    /// free on its file system.
+    pub fn open(dir: &Path, reserve: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self { dir: dir.to_owned(), locks: Mutex::default() })
+        Ok(Self { dir: dir.to_owned(), reserve, locks: Mutex::default() })
     }
 
     fn path(&self, target: TargetId) -> PathBuf {
@@ -66,8 +91,9 @@ impl LogFiles {
     /// cutting off anything past `stored` (written before a crash, never
     /// acknowledged, and about to be written again the same). Hold
     /// [`LogFiles::writer`].
-    pub async fn write_masked(&self, target: TargetId, stored: u64, bytes: Vec<u8>) -> io::Result<()> {
+    pub async fn write_masked(&self, target: TargetId, stored: u64, bytes: Vec<u8>) -> Result<(), LogError> {
         let path = self.path(target);
+        let room = self.room();
         tokio::task::spawn_blocking(move || {
             let mut file = OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(&path)?;
             let len = file.metadata()?.len();
@@ -75,15 +101,17 @@ impl LogFiles {
                 return Err(io::Error::other(format!(
                     "{} has {len} bytes but {stored} were committed",
                     path.display()
-                )));
+                ))
+                .into());
             }
             if len > stored {
                 file.set_len(stored)?;
             }
             if !bytes.is_empty() || len > stored {
-                file.seek(SeekFrom::Start(stored))?;
-                file.write_all(&bytes)?;
-                file.sync_data()?;
+                if !bytes.is_empty() {
+                    room.check(bytes.len() as u64)?;
+                }
+                write_at_end(&mut file, stored, &bytes).map_err(|e| room.explain(e))?;
             }
             Ok(())
         })
@@ -93,11 +121,18 @@ impl LogFiles {
 
     /// Appends `bytes` that start at `offset`, idempotently: bytes that are
     /// already committed must match and are not written again.
-    pub async fn append(&self, target: TargetId, offset: u64, bytes: bytes::Bytes) -> io::Result<Append> {
+    pub async fn append(&self, target: TargetId, offset: u64, bytes: bytes::Bytes) -> Result<Append, LogError> {
         let lock = self.lock(target);
         let _guard = lock.lock().await;
         let path = self.path(target);
-        tokio::task::spawn_blocking(move || append_blocking(&path, offset, &bytes)).await.map_err(io::Error::other)?
+        let room = self.room();
+        tokio::task::spawn_blocking(move || append_blocking(&path, offset, &bytes, &room))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    fn room(&self) -> Room {
+        Room { dir: self.dir.clone(), reserve: self.reserve }
     }
 
     /// Bytes committed so far (0 before the first chunk).
@@ -128,7 +163,57 @@ impl LogFiles {
     }
 }
 
-fn append_blocking(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<Append> {
+/// The log directory's file system and the free space it must keep.
+struct Room {
+    dir: PathBuf,
+    reserve: u64,
+}
+
+impl Room {
+    /// Bytes an unprivileged writer may still use there.
+    fn free(&self) -> io::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.dir).map_err(io::Error::from)?;
+        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+    }
+
+    /// Refuses `needed` bytes that would leave less than the reserve free.
+    fn check(&self, needed: u64) -> Result<(), LogError> {
+        let free = self.free()?;
+        if free.saturating_sub(needed) < self.reserve || free < needed {
+            return Err(self.full(free, needed));
+        }
+        Ok(())
+    }
+
+    fn full(&self, free: u64, needed: u64) -> LogError {
+        LogError::Full { dir: self.dir.clone(), free, needed, reserve: self.reserve }
+    }
+
+    /// A write that ran out of space anyway is [`LogError::Full`].
+    fn explain(&self, e: io::Error) -> LogError {
+        if matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) {
+            self.full(self.free().unwrap_or(0), 0)
+        } else {
+            LogError::Io(e)
+        }
+    }
+}
+
+/// Writes `bytes` at `len`, the file's committed length, and makes them
+/// durable; on any failure the file is cut back to `len` (which frees, so
+/// it works on a full disk), and no byte of the chunk is left to be counted.
+fn write_at_end(file: &mut std::fs::File, len: u64, bytes: &[u8]) -> io::Result<()> {
+    let written = file.seek(SeekFrom::Start(len)).and_then(|_| file.write_all(bytes)).and_then(|()| file.sync_data());
+    if let Err(e) = written {
+        if let Err(cut) = file.set_len(len).and_then(|()| file.sync_data()) {
+            tracing::error!(error = %cut, len, "cannot cut a failed log write back to the committed length");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn append_blocking(path: &Path, offset: u64, bytes: &[u8], room: &Room) -> Result<Append, LogError> {
     let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
     let len = file.metadata()?.len();
     if offset > len {
@@ -147,9 +232,8 @@ fn append_blocking(path: &Path, offset: u64, bytes: &[u8]) -> io::Result<Append>
     if rest.is_empty() {
         return Ok(Append::Committed(len));
     }
-    file.seek(SeekFrom::Start(len))?;
-    file.write_all(rest)?;
-    file.sync_data()?;
+    room.check(rest.len() as u64)?;
+    write_at_end(&mut file, len, rest).map_err(|e| room.explain(e))?;
     Ok(Append::Committed(len + rest.len() as u64))
 }
 
@@ -250,7 +334,7 @@ mod tests {
     #[tokio::test]
     async fn appends_are_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = LogFiles::open(dir.path()).unwrap();
+        let logs = LogFiles::open(dir.path(), 0).unwrap();
         let t = TargetId::generate();
         let cases: &[(u64, &str, Append)] = &[
             (0, "hello ", Append::Committed(6)),
@@ -268,5 +352,22 @@ mod tests {
         assert_eq!(logs.read(t, 0, 100).await.unwrap(), b"hello world!");
         assert_eq!(logs.read(t, 6, 5).await.unwrap(), b"world");
         assert_eq!(logs.len(TargetId::generate()).await.unwrap(), 0);
+    }
+
+    // A chunk that would eat into the reserve is refused whole, plain or
+    // masked; a resend of committed bytes still answers.
+    #[tokio::test]
+    async fn a_chunk_past_the_reserve_is_refused_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TargetId::generate();
+        LogFiles::open(dir.path(), 0).unwrap().append(t, 0, Bytes::from_static(b"kept\n")).await.unwrap();
+        let logs = LogFiles::open(dir.path(), u64::MAX).unwrap();
+        let err = logs.append(t, 5, Bytes::from_static(b"refused\n")).await.unwrap_err();
+        assert!(matches!(err, LogError::Full { needed: 8, .. }), "{err}");
+        assert!(err.to_string().contains("kept for the store"), "{err}");
+        assert_eq!(logs.append(t, 0, Bytes::from_static(b"kept\n")).await.unwrap(), Append::Committed(5));
+        let err = logs.write_masked(t, 5, b"masked".to_vec()).await.unwrap_err();
+        assert!(matches!(err, LogError::Full { .. }), "{err}");
+        assert_eq!(logs.read(t, 0, 100).await.unwrap(), b"kept\n");
     }
 }

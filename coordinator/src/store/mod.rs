@@ -16,6 +16,7 @@ pub mod records;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use kiln_protocol::access::ApiToken;
 use kiln_protocol::api::{Cloud, CloudCredentials, GeneratorSpec, Image, Revision, Secret};
@@ -28,6 +29,9 @@ use sled::{Transactional, Tree};
 use records::{BuildRecord, CertRecord, GeneratorRecord, MaskCursor, TargetRecord, TokenRecord};
 
 use crate::secrets::{SealError, SecretKey, key::is_sealed};
+
+/// The longest a flush may take before it is reported as failed.
+const FLUSH_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The layout version this code reads and writes.
 pub const SCHEMA_VERSION: u32 = 2;
@@ -98,6 +102,10 @@ pub struct Store {
     /// Per target whose log is masked: how far it is committed; sealed.
     log_masks: Tree,
     key: SecretKey,
+    /// Set once a flush has failed: sled then refuses every write until the
+    /// database is reopened, and a later `flush_async` may never finish, so
+    /// later flushes fail at once with this error's kind.
+    failed: Arc<Mutex<Option<std::io::ErrorKind>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -229,6 +237,7 @@ impl Store {
             log_masks: db.open_tree("log_masks")?,
             key,
             db,
+            failed: Arc::default(),
         };
         store.seal_plaintext_credentials()?;
         Ok(store)
@@ -270,9 +279,32 @@ impl Store {
     }
 
     /// Makes every write so far durable. Call before acknowledging anything.
+    /// After a failed flush (a full disk, an I/O error) every later flush
+    /// fails at once, and a flush that takes longer than [`FLUSH_LIMIT`]
+    /// is reported as failed: a caller gets an error, never a wait without end.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        if let Some(kind) = *self.failed.lock().expect("store flag poisoned") {
+            return Err(StoreError::Sled(sled::Error::Io(std::io::Error::new(
+                kind,
+                "an earlier write to the database failed; it takes no writes until kiln is restarted",
+            ))));
+        }
+        let result = match tokio::time::timeout(FLUSH_LIMIT, self.db.flush_async()).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                return Err(StoreError::Sled(sled::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the database did not finish a flush in {} s", FLUSH_LIMIT.as_secs()),
+                ))));
+            }
+        };
+        let kind = match &result {
+            sled::Error::Io(e) => e.kind(),
+            _ => std::io::ErrorKind::Other,
+        };
+        self.failed.lock().expect("store flag poisoned").get_or_insert(kind);
+        Err(StoreError::Sled(result))
     }
 
     // ---- clouds

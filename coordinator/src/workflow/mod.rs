@@ -18,8 +18,8 @@ use tracing::Instrument;
 
 use crate::app::{App, AppError};
 use crate::failpoint;
-use crate::store::records::TargetRecord;
 use crate::store::StoreError;
+use crate::store::records::TargetRecord;
 
 /// Why a step did not complete.
 #[derive(Debug)]

@@ -10,8 +10,8 @@ use kiln_protocol::api::{FailureReason, Image, Provenance, Status, Step};
 use tokio::time::Instant;
 
 use super::StepError;
-use crate::failpoint;
 use crate::app::App;
+use crate::failpoint;
 use crate::pki::TokenHash;
 use crate::providers::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError};
 use crate::store::records::{TargetRecord, TokenRecord};
@@ -423,7 +423,10 @@ async fn wait_image(
         if Instant::now() >= deadline {
             return Err(StepError::fail(
                 FailureReason::Provider,
-                format!("image {image} was not usable within {}s; raise the cloud's image_timeout_secs", limit.as_secs()),
+                format!(
+                    "image {image} was not usable within {}s; raise the cloud's image_timeout_secs",
+                    limit.as_secs()
+                ),
             ));
         }
         tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
