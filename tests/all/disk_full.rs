@@ -35,7 +35,7 @@ async fn still_serving(bed: &Bed) {
 async fn a_full_data_directory_fails_the_target_and_keeps_serving() {
     let fs = SmallFs::mount(FS_SIZE);
     let data_dir = fs.path().join("data");
-    let mut bed =
+    let bed =
         Bed::with(Options { data_dir: Some(data_dir.clone()), disk_reserve: Some(RESERVE), ..Options::default() })
             .await;
     bed.add_cloud("local").await;
