@@ -94,6 +94,10 @@ async fn serve(data: &Path, ports: &Ports, env: Option<&[(&str, &str)]>) -> (Kil
         &bootstrap,
         "--image-dir",
         &tiny_dir,
+        // The EC2 bed's guests reach the agent listener at this address, so
+        // its certificate must name it (the in-process bed does the same).
+        "--server-name",
+        GUEST_HOST,
     ];
     let (binary, env): (PathBuf, &[(&str, &str)]) = match env {
         Some(env) => (kiln_tests::failpoint_kiln_binary(), env),
