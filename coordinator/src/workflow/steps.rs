@@ -218,7 +218,7 @@ async fn run_script(c: &StepContext) -> Result<(), StepError> {
     let outcome = r.outcome.clone().expect("waited for an outcome");
     if outcome.succeeded() {
         let instruction = c.provider.after_script();
-        c.complete(|r| r.instruction = instruction.clone()).await?;
+        c.complete(|r| r.instruction = instruction).await?;
         return Ok(());
     }
     c.advance(|r| r.instruction = Instruction::Finish).await?;
