@@ -122,8 +122,8 @@ impl Server {
         // Connection tasks may hold the app a moment longer; the store (and its
         // file lock) closes when the last one lets go.
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        tracing::debug!(handles = std::sync::Arc::strong_count(&self.app.0), "waiting for the app's last handles");
-        while std::sync::Arc::strong_count(&self.app.0) > 1 && tokio::time::Instant::now() < deadline {
+        tracing::debug!(handles = self.app.handles(), "waiting for the app's last handles");
+        while self.app.handles() > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }

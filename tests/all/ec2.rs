@@ -187,7 +187,7 @@ async fn failure_at_each_step_leaves_nothing_behind() {
         ("await", Step::AwaitAgent, "the instance stopped before its agent phoned home", json!({})),
         ("stop", Step::Seal, "UnauthorizedOperation", json!({})),
         ("create", Step::Snapshot, "InvalidParameterValue", json!({})),
-        ("available", Step::Snapshot, "was not available within", json!({"image_timeout_secs": "3"})),
+        ("available", Step::Snapshot, "was not usable within", json!({"image_timeout_secs": "3"})),
     ];
     // An AMI moto knows but the runner cannot boot: the instance stops unseen.
     let unbootable = register_ami(&env.moto.client("us-east-1"), "no-boot-hook").await.unwrap();

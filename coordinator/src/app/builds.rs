@@ -8,7 +8,6 @@ use kiln_protocol::api::{Build, BuildListQuery, BuildRequest, FailureReason, Sta
 use kiln_protocol::{BuildId, TargetId, Timestamp};
 
 use super::{App, AppError};
-use crate::pki::TokenHash;
 use crate::store::records::{BuildRecord, TargetRecord};
 
 use kiln_protocol::api::MAX_BUILD_LIST;
@@ -121,7 +120,7 @@ impl App {
         self.0.store.flush().await?;
         tracing::info!(build = %build_id, generator = %rev.generator, revision = rev.number, "build started");
         for t in &targets {
-            crate::workflow::spawn(self, t.id);
+            crate::workflow::spawn(&self.host(), t.id);
         }
         self.build(build_id).await
     }
@@ -286,11 +285,6 @@ impl App {
             log_bytes,
             cleanup_pending: t.cleanup_pending,
         })
-    }
-
-    /// Forgets a target's outstanding token (the target ended before enrolling).
-    pub(crate) fn token_hash(&self, id: TargetId) -> TokenHash {
-        TokenHash::of(&self.0.pki.tokens().token(id))
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`agents`]: what an enrolled agent may do, authorized by its certificate.
 //! - [`images`]: what builds made.
 //! - [`janitor`]: removes what a crash left on a cloud (resources no live target owns).
+//! - `workflow_host`: the application as the workflows' [`Host`](crate::workflow::Host).
 
 pub mod access;
 pub mod agents;
@@ -15,17 +16,17 @@ pub mod catalog;
 mod error;
 pub mod images;
 pub mod janitor;
+mod workflow_host;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use kiln_protocol::api::Secret;
-use kiln_protocol::{BuildId, CloudName, TargetId};
+use kiln_protocol::{BuildId, CloudName};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use agents::PeerIdentity;
 pub use error::AppError;
@@ -36,6 +37,7 @@ use crate::providers::{Providers, Served};
 use crate::secrets::SecretKey;
 use crate::store::Store;
 use crate::store::logs::LogFiles;
+use crate::workflow::{self, Runner};
 
 /// The agent binary as served to instances, with its digest for user-data.
 #[derive(Clone)]
@@ -46,7 +48,7 @@ pub struct AgentBinary {
 
 /// A handle on the running application; cheap to clone.
 #[derive(Clone)]
-pub struct App(pub(crate) Arc<Inner>);
+pub struct App(Arc<Inner>);
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,29 +56,29 @@ impl std::fmt::Debug for App {
     }
 }
 
-pub(crate) struct Inner {
-    pub(crate) store: Store,
-    pub(crate) logs: LogFiles,
-    pub(crate) pki: Pki,
-    pub(crate) providers: Providers,
-    pub(crate) config: Config,
-    pub(crate) served: Served,
-    pub(crate) agent_binary: Option<AgentBinary>,
+/// The application's state; its fields are private to this module and its
+/// children (the API and the server go through `App`'s methods).
+struct Inner {
+    store: Store,
+    logs: LogFiles,
+    pki: Pki,
+    providers: Providers,
+    config: Config,
+    served: Served,
+    agent_binary: Option<AgentBinary>,
     /// Bumped on every change a waiter may care about (target state, logs).
-    pub(crate) changes: watch::Sender<()>,
-    /// The workflow tasks, so shutdown can wait for them.
-    pub(crate) tasks: TaskTracker,
-    /// Cancelled at shutdown: workflows stop where they are, to be resumed.
-    pub(crate) shutdown: CancellationToken,
-    /// Per running target: cancelled to interrupt its current step.
-    pub(crate) interrupts: Mutex<HashMap<TargetId, CancellationToken>>,
+    changes: watch::Sender<()>,
+    /// Cancelled at shutdown: workflows and long polls stop where they are.
+    shutdown: CancellationToken,
+    /// The targets' workflows (their tasks and interrupts).
+    workflows: Runner,
     /// Passwords of ask-every-time clouds, per running build; memory only,
     /// dropped when the build ends.
-    pub(crate) build_secrets: Mutex<HashMap<BuildId, HashMap<CloudName, Secret>>>,
+    build_secrets: Mutex<HashMap<BuildId, HashMap<CloudName, Secret>>>,
     /// In-process tokens and the page's sessions.
-    pub(crate) access: access::Access,
+    access: access::Access,
     /// Held by the janitor's run, so two runs never race on a cloud.
-    pub(crate) janitor: tokio::sync::Mutex<()>,
+    janitor: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -93,6 +95,7 @@ impl App {
         let logs = LogFiles::open(&dir.join("logs"), config.limits.disk_reserve_bytes)?;
         let pki = Pki::load_or_create(&dir.join("pki"), &config.certificate_names())?;
         let agent_binary = load_agent_binary(&config.agent_binary);
+        let shutdown = CancellationToken::new();
         let app = App(Arc::new(Inner {
             store,
             logs,
@@ -102,16 +105,25 @@ impl App {
             served,
             agent_binary,
             changes: watch::Sender::new(()),
-            tasks: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
-            interrupts: Mutex::default(),
+            workflows: Runner::new(shutdown.clone()),
+            shutdown,
             build_secrets: Mutex::default(),
             access: access::Access::default(),
             janitor: tokio::sync::Mutex::default(),
         }));
         app.ensure_admin_token()?;
-        crate::workflow::resume_all(&app)?;
+        workflow::resume_all(&app.host()).map_err(AppError::Store)?;
         Ok(app)
+    }
+
+    /// The application as the workflows see it.
+    fn host(&self) -> Arc<dyn workflow::Host> {
+        Arc::new(self.clone())
+    }
+
+    /// How many handles on the application are alive (shutdown waits for 1).
+    pub(crate) fn handles(&self) -> usize {
+        Arc::strong_count(&self.0)
     }
 
     pub fn config(&self) -> &Config {
@@ -141,7 +153,7 @@ impl App {
     pub async fn wait_for_workflows(&self, limit: std::time::Duration) -> bool {
         let mut changes = self.subscribe_changes();
         let settled = async {
-            while !self.0.tasks.is_empty() {
+            while !self.0.workflows.is_idle() {
                 // A workflow can end without a change notice: look again now and then.
                 let _ = tokio::time::timeout(std::time::Duration::from_millis(200), changes.changed()).await;
             }
@@ -152,9 +164,7 @@ impl App {
     /// Stops every workflow where it is (each resumes at the next start) and
     /// waits for them, so the store can be closed.
     pub async fn shutdown(&self) {
-        self.0.shutdown.cancel();
-        self.0.tasks.close();
-        self.0.tasks.wait().await;
+        self.0.workflows.shutdown().await;
         tracing::debug!("workflows stopped; flushing the store");
         if let Err(e) = self.0.store.flush().await {
             tracing::error!(error = ?crate::error_chain(&e), "cannot flush the store at shutdown");

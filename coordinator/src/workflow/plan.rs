@@ -1,10 +1,51 @@
-//! What to do next with a target, decided from its record alone.
+//! What to do next with a target, decided from its record and the step table
+//! alone.
 //!
-//! Kept pure so that resuming after a crash is a unit-tested function.
+//! Kept pure so that resuming after a crash is a unit-tested function. The
+//! table ([`super::steps::SAGA`]) lists each step once with its undo; the
+//! order of the steps, whether the output is recorded, and what an unwind
+//! removes (in reverse order) are all derived from it here.
 
 use kiln_protocol::api::Step;
 
 use crate::store::records::TargetRecord;
+
+/// One step of the saga: `+ forward - undo`.
+#[derive(Debug)]
+pub struct Row<F> {
+    pub step: Step,
+    /// What the step does; the table gives its function, the plan never calls it.
+    pub forward: F,
+    /// What removes the resource this step makes, if it makes one.
+    pub undo: Option<Undo>,
+    /// Past this step the output is recorded: from then on an output's undo
+    /// ([`Undo::is_output`]) is never run again.
+    pub commits: bool,
+}
+
+/// How a step's resource is removed when the target unwinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undo {
+    /// Terminate the target's instance.
+    TerminateInstance,
+    /// Delete the half-made image.
+    DeleteImage,
+}
+
+impl Undo {
+    /// The resource this undo removes, as the record names it (none yet: nothing to undo).
+    pub fn resource(self, t: &TargetRecord) -> Option<&str> {
+        match self {
+            Self::TerminateInstance => t.instance.as_deref(),
+            Self::DeleteImage => t.image_id.as_deref(),
+        }
+    }
+
+    /// Whether the resource becomes the build's output once recorded.
+    pub fn is_output(self) -> bool {
+        matches!(self, Self::DeleteImage)
+    }
+}
 
 /// The next action for a target's workflow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,31 +58,46 @@ pub enum Next {
     Nothing,
 }
 
-pub fn next(t: &TargetRecord) -> Next {
+pub fn next<F>(saga: &[Row<F>], t: &TargetRecord) -> Next {
     if t.status.is_terminal() {
         Next::Nothing
     } else if t.error.is_some() {
         Next::Unwind
-    } else if t.step == Step::Done {
-        // Done but not marked terminal: the last write is redone by CleanUp.
-        Next::Run(Step::CleanUp)
+    } else if position(saga, t.step).is_none() {
+        // Past the last step but not marked terminal: the last step (whose
+        // final write this is) runs again.
+        Next::Run(saga.last().expect("the saga has steps").step)
     } else {
         Next::Run(t.step)
     }
 }
 
-/// What an unwind must remove, given how far the target got.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Undo {
-    /// Delete this half-made image (never one that was recorded).
-    pub delete_image: Option<String>,
-    /// Terminate this instance.
-    pub terminate: Option<String>,
+/// The step that follows `step` in the table; [`Step::Done`] after the last.
+pub fn after<F>(saga: &[Row<F>], step: Step) -> Step {
+    position(saga, step).and_then(|i| saga.get(i + 1)).map_or(Step::Done, |r| r.step)
 }
 
-pub fn undo(t: &TargetRecord) -> Undo {
-    let recorded = t.step >= Step::CleanUp;
-    Undo { delete_image: if recorded { None } else { t.image_id.clone() }, terminate: t.instance.clone() }
+/// Where `step` is in the table (`None` for [`Step::Done`]).
+fn position<F>(saga: &[Row<F>], step: Step) -> Option<usize> {
+    saga.iter().position(|r| r.step == step)
+}
+
+/// Whether the target is past a committing step: its output is recorded.
+pub fn recorded<F>(saga: &[Row<F>], t: &TargetRecord) -> bool {
+    let at = position(saga, t.step).unwrap_or(saga.len());
+    saga[..at].iter().any(|r| r.commits)
+}
+
+/// What an unwind must remove, last made first: each undo in the table (in
+/// reverse) whose resource the record names, except a recorded output.
+pub fn undo<F>(saga: &[Row<F>], t: &TargetRecord) -> Vec<(Undo, String)> {
+    let recorded = recorded(saga, t);
+    saga.iter()
+        .rev()
+        .filter_map(|r| r.undo)
+        .filter(|u| !(recorded && u.is_output()))
+        .filter_map(|u| Some((u, u.resource(t)?.to_owned())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -89,6 +145,8 @@ mod tests {
         }
     }
 
+    use crate::workflow::steps::SAGA;
+
     // Resume picks up where the record says, one case per line.
     #[test]
     fn resume_plan() {
@@ -97,6 +155,7 @@ mod tests {
             (Step::Launch, Submitted, false, Next::Run(Step::Launch)),
             (Step::Run, Running, false, Next::Run(Step::Run)),
             (Step::Snapshot, Running, false, Next::Run(Step::Snapshot)),
+            (Step::CleanUp, Running, false, Next::Run(Step::CleanUp)),
             (Step::Done, Running, false, Next::Run(Step::CleanUp)),
             (Step::Run, Running, true, Next::Unwind),
             (Step::Done, Successful, false, Next::Nothing),
@@ -107,20 +166,87 @@ mod tests {
             if failed {
                 t.fail(FailureReason::ScriptFailed, "exit 3");
             }
-            assert_eq!(next(&t), want, "{step:?} {status:?} failed={failed}");
+            assert_eq!(next(SAGA, &t), want, "{step:?} {status:?} failed={failed}");
         }
     }
 
-    // A half-made image is deleted on unwind; a recorded one never is.
+    // The order of the steps is the table's, and Done follows the last.
+    #[test]
+    fn order_from_the_table() {
+        let cases = [
+            (Step::Launch, Step::AwaitAgent),
+            (Step::AwaitAgent, Step::Run),
+            (Step::Run, Step::Seal),
+            (Step::Seal, Step::Snapshot),
+            (Step::Snapshot, Step::Record),
+            (Step::Record, Step::CleanUp),
+            (Step::CleanUp, Step::Done),
+            (Step::Done, Step::Done),
+        ];
+        for (step, want) in cases {
+            assert_eq!(after(SAGA, step), want, "after {step:?}");
+        }
+    }
+
+    // The output counts as recorded only past the committing Record step.
+    #[test]
+    fn recorded_from_the_table() {
+        let cases = [
+            (Step::Launch, false),
+            (Step::Snapshot, false),
+            (Step::Record, false),
+            (Step::CleanUp, true),
+            (Step::Done, true),
+        ];
+        for (step, want) in cases {
+            assert_eq!(recorded(SAGA, &record(step, Status::Running)), want, "{step:?}");
+        }
+    }
+
+    // An unwind removes what the record names, last made first; a half-made
+    // image is deleted, a recorded one never is.
     #[test]
     fn undo_plan() {
-        let mut t = record(Step::Snapshot, Status::Running);
+        use Undo::*;
+        let image = || (DeleteImage, "ami-1".to_owned());
+        let instance = || (TerminateInstance, "i-1".to_owned());
+        let cases = [
+            (Step::Launch, false, false, vec![]),
+            (Step::Launch, true, false, vec![instance()]),
+            (Step::Run, true, false, vec![instance()]),
+            (Step::Snapshot, true, true, vec![image(), instance()]),
+            (Step::Record, true, true, vec![image(), instance()]),
+            (Step::CleanUp, true, true, vec![instance()]),
+            (Step::Done, true, true, vec![instance()]),
+            (Step::Done, false, true, vec![]),
+        ];
+        for (step, has_instance, has_image, want) in cases {
+            let mut t = record(step, Status::Running);
+            t.instance = has_instance.then(|| "i-1".into());
+            t.image_id = has_image.then(|| "ami-1".into());
+            assert_eq!(undo(SAGA, &t), want, "{step:?} instance={has_instance} image={has_image}");
+        }
+    }
+
+    // A custom table: a new resource is one row, and its undo joins the
+    // unwind in table order with no other change.
+    #[test]
+    fn a_new_row_joins_order_and_undo() {
+        let saga = [
+            Row { step: Step::Launch, forward: (), undo: Some(Undo::TerminateInstance), commits: false },
+            Row { step: Step::Snapshot, forward: (), undo: Some(Undo::DeleteImage), commits: false },
+            Row { step: Step::CleanUp, forward: (), undo: None, commits: false },
+        ];
+        assert_eq!(after(&saga, Step::Launch), Step::Snapshot);
+        assert_eq!(after(&saga, Step::CleanUp), Step::Done);
+        let mut t = record(Step::CleanUp, Status::Running);
         t.instance = Some("i-1".into());
         t.image_id = Some("ami-1".into());
-        assert_eq!(undo(&t), Undo { delete_image: Some("ami-1".into()), terminate: Some("i-1".into()) });
-        t.step = Step::CleanUp;
-        assert_eq!(undo(&t), Undo { delete_image: None, terminate: Some("i-1".into()) });
-        let fresh = record(Step::Launch, Status::Submitted);
-        assert_eq!(undo(&fresh), Undo { delete_image: None, terminate: None });
+        // Nothing commits in this table: the image is still half-made.
+        assert!(!recorded(&saga, &t));
+        assert_eq!(
+            undo(&saga, &t),
+            vec![(Undo::DeleteImage, "ami-1".to_owned()), (Undo::TerminateInstance, "i-1".to_owned())]
+        );
     }
 }

@@ -1,6 +1,8 @@
-//! The forward steps. Each is idempotent: run twice, it does the same thing.
+//! The step table and the forward steps. Each step is idempotent: run twice,
+//! it does the same thing.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -10,53 +12,47 @@ use kiln_protocol::api::{FailureReason, Image, Provenance, Status, Step};
 use tokio::time::Instant;
 
 use super::StepError;
-use crate::app::App;
+use super::context::StepContext;
+use super::plan::{Row, Undo};
+use super::wait::{Look, LookError, Wait};
 use crate::failpoint;
-use crate::pki::TokenHash;
-use crate::providers::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, Provider, ProviderError};
-use crate::store::records::{TargetRecord, TokenRecord};
+use crate::providers::{ImageId, ImageInfo, ImageProgress, InstanceId, InstanceState, Launch, ProviderError};
+use crate::store::records::TargetRecord;
 
 /// Extra time past the script's timeout before the coordinator gives up on
 /// an agent that has not reported (the agent enforces the timeout itself).
 const REPORT_GRACE: Duration = Duration::from_secs(120);
 /// How many log lines a failure message quotes.
 const TAIL_LINES: usize = 20;
-/// Transient errors in a row that an image poll rides out before failing.
-const MAX_TRANSIENT_POLLS: u32 = 10;
 
-pub(super) async fn run(app: &App, t: &TargetRecord, step: Step) -> Result<(), StepError> {
-    let provider = provider(app, t)?;
-    let t = &with_credentials(app, t)?;
-    match step {
-        Step::Launch => launch(app, t, &provider).await,
-        Step::AwaitAgent => await_agent(app, t, &provider).await,
-        Step::Run => run_script(app, t, &provider).await,
-        Step::Seal => seal(app, t, &provider).await,
-        Step::Snapshot => snapshot(app, t, &provider).await,
-        Step::Record => record(app, t).await,
-        Step::CleanUp | Step::Done => return clean_up(app, t, &provider).await,
-    }?;
-    failpoint::hit(&format!("step-done:{}", step.as_str())).await;
-    Ok(())
-}
+/// A step's forward action.
+pub(super) type Forward =
+    for<'a> fn(&'a StepContext) -> Pin<Box<dyn Future<Output = Result<(), StepError>> + Send + 'a>>;
 
-pub(super) fn provider(app: &App, t: &TargetRecord) -> Result<Arc<dyn Provider>, StepError> {
-    app.0.providers.get(t.cloud.kind).ok_or_else(|| {
-        StepError::fail(
-            FailureReason::Internal,
-            format!("this coordinator has no provider for clouds of kind {}", t.cloud.kind.as_str()),
-        )
-    })
-}
+/// The saga, in order: each step once, with its forward action and its undo
+/// (omicron's `+ do - undo`). The order, "recorded" and the unwind are
+/// derived from this table ([`super::plan`]); a new resource is one row here
+/// plus its functions.
+pub(super) const SAGA: &[Row<Forward>] = &[
+    // + launch the instance - terminate it
+    Row { step: Step::Launch, forward: |c| Box::pin(launch(c)), undo: Some(Undo::TerminateInstance), commits: false },
+    Row { step: Step::AwaitAgent, forward: |c| Box::pin(await_agent(c)), undo: None, commits: false },
+    Row { step: Step::Run, forward: |c| Box::pin(run_script(c)), undo: None, commits: false },
+    Row { step: Step::Seal, forward: |c| Box::pin(seal(c)), undo: None, commits: false },
+    // + make the image - delete the half-made image
+    Row { step: Step::Snapshot, forward: |c| Box::pin(snapshot(c)), undo: Some(Undo::DeleteImage), commits: false },
+    // Past this step the image is the output, and it is never undone.
+    Row { step: Step::Record, forward: |c| Box::pin(record(c)), undo: None, commits: true },
+    Row { step: Step::CleanUp, forward: |c| Box::pin(clean_up(c)), undo: None, commits: false },
+];
 
-/// The target with its cloud's credentials, which live apart from any record.
-pub(super) fn with_credentials(app: &App, t: &TargetRecord) -> Result<TargetRecord, StepError> {
-    let mut t = t.clone();
-    t.cloud = app.with_credentials(&t.cloud, Some(t.build))?;
-    Ok(t)
+/// The table's row for `step`.
+pub(super) fn row(step: Step) -> Option<&'static Row<Forward>> {
+    SAGA.iter().find(|r| r.step == step)
 }
 
 /// Retries transient provider errors with backoff; others fail the target.
+/// For one-off calls; waits poll through [`Wait`] instead.
 async fn call<T, F, Fut>(what: &str, f: F) -> Result<T, StepError>
 where
     F: FnMut() -> Fut,
@@ -67,21 +63,6 @@ where
         .notify(|e, after| tracing::warn!(error = %e, ?after, "{what}: retrying"))
         .await
         .map_err(|e| StepError::fail(FailureReason::Provider, format!("{what}: {e}")))
-}
-
-/// Writes `f`'s change and flushes it before anything else happens.
-async fn advance(app: &App, t: &TargetRecord, f: impl Fn(&mut TargetRecord)) -> Result<TargetRecord, StepError> {
-    let r = app.0.store.update_target(t.id, f)?;
-    app.0.store.flush().await?;
-    app.notify();
-    Ok(r)
-}
-
-fn instance(t: &TargetRecord) -> Result<InstanceId, StepError> {
-    t.instance
-        .clone()
-        .map(InstanceId)
-        .ok_or_else(|| StepError::fail(FailureReason::Internal, "the target has no instance"))
 }
 
 pub(super) fn provenance(t: &TargetRecord, script_sha256: String) -> Provenance {
@@ -103,17 +84,14 @@ fn remaining(since: Option<Timestamp>, limit: Duration) -> Instant {
     Instant::now() + left
 }
 
-async fn launch(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
-    advance(app, t, |r| r.status = Status::Running).await?;
-    let token = app.0.pki.tokens().token(t.id);
-    let expires_at = Timestamp::now() + app.0.config.timeouts.token_ttl;
-    app.0.store.offer_token(&TokenHash::of(&token).0, &TokenRecord { target: t.id, expires_at })?;
-    app.0.store.flush().await?;
+async fn launch(c: &StepContext) -> Result<(), StepError> {
+    let t = &c.t;
+    c.advance(|r| r.status = Status::Running).await?;
+    let token = c.offer_token().await?;
 
-    let endpoints = provider.endpoints(&t.cloud, &app.0.served);
-    let user_data = app.user_data(t, &endpoints, &token).map_err(StepError::from)?;
-    let rev = app.revision(&t.generator, Some(t.revision))?;
-    let provenance = provenance(t, rev.script_sha256);
+    let endpoints = c.provider.endpoints(&t.cloud, c.served());
+    let user_data = c.user_data(&endpoints, &token)?;
+    let provenance = provenance(t, c.script_sha256()?);
     let request = Launch {
         target: t.id,
         build: t.build,
@@ -125,12 +103,11 @@ async fn launch(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Re
         provenance: &provenance,
     };
     failpoint::hit("launch:before-call").await;
-    let id = call("launch", || provider.launch(&request)).await?;
+    let id = call("launch", || c.provider.launch(&request)).await?;
     failpoint::hit("launch:after-call").await;
     tracing::info!(instance = %id, "launched");
-    advance(app, t, |r| {
+    c.complete(|r| {
         r.instance = Some(id.0.clone());
-        r.step = Step::AwaitAgent;
         r.timings.launched_at.get_or_insert(Timestamp::now());
     })
     .await?;
@@ -139,52 +116,48 @@ async fn launch(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Re
 
 /// Waits for `ready` while watching the instance; fails at `deadline`.
 async fn wait_for(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
+    c: &StepContext,
     deadline: Instant,
-    mut ready: impl FnMut(&TargetRecord) -> bool,
+    ready: impl Fn(&TargetRecord) -> bool,
     on_stopped: impl Fn(String) -> StepError,
     on_timeout: impl Fn(String) -> StepError,
 ) -> Result<TargetRecord, StepError> {
-    let instance = instance(t)?;
-    let poll = provider.poll_interval(&t.cloud).unwrap_or(app.0.config.timeouts.poll_interval);
-    let mut rx = app.0.changes.subscribe();
-    let mut next_poll = Instant::now() + poll;
-    loop {
-        rx.mark_unchanged();
-        let r = app.target_record(t.id)?;
-        if r.error.is_some() {
-            return Err(StepError::Interrupted);
-        }
-        if ready(&r) {
-            return Ok(r);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(on_timeout(console_tail(provider, t, &instance).await));
-        }
-        if now >= next_poll {
-            let state = call("instance state", || provider.state(&t.cloud, &instance)).await?;
-            if matches!(state, InstanceState::Stopped | InstanceState::Gone) {
-                // The agent may have reported just before the instance stopped.
-                let r = app.target_record(t.id)?;
-                if ready(&r) {
-                    return Ok(r);
+    let instance = c.instance()?;
+    let wait = Wait { what: "instance state", poll: c.poll_interval(), deadline, changes: Some(c.subscribe_changes()) };
+    let found = wait
+        .until(|due| {
+            let (ready, instance) = (&ready, &instance);
+            async move {
+                let r = c.record()?;
+                if r.error.is_some() {
+                    return Err(StepError::Interrupted.into());
                 }
-                return Err(on_stopped(console_tail(provider, t, &instance).await));
+                if ready(&r) {
+                    return Ok(Look::Ready(Ok(r)));
+                }
+                if due
+                    && matches!(
+                        c.provider.state(&c.t.cloud, instance).await?,
+                        InstanceState::Stopped | InstanceState::Gone
+                    )
+                {
+                    // The agent may have reported just before the instance stopped.
+                    let r = c.record()?;
+                    return Ok(Look::Ready(if ready(&r) { Ok(r) } else { Err(()) }));
+                }
+                Ok::<_, LookError>(Look::NotYet)
             }
-            next_poll = now + poll;
-        }
-        tokio::select! {
-            _ = rx.changed() => {}
-            () = tokio::time::sleep_until(deadline.min(next_poll)) => {}
-        }
+        })
+        .await?;
+    match found {
+        Some(Ok(r)) => Ok(r),
+        Some(Err(())) => Err(on_stopped(console_tail(c, &instance).await)),
+        None => Err(on_timeout(console_tail(c, &instance).await)),
     }
 }
 
-async fn console_tail(provider: &Arc<dyn Provider>, t: &TargetRecord, instance: &InstanceId) -> String {
-    match provider.console_tail(&t.cloud, instance).await {
+async fn console_tail(c: &StepContext, instance: &InstanceId) -> String {
+    match c.provider.console_tail(&c.t.cloud, instance).await {
         Ok(tail) if tail.trim().is_empty() => "the console is empty".into(),
         Ok(tail) => format!("last console lines:\n{}", last_lines(&tail, TAIL_LINES)),
         Err(e) => format!("the console could not be read: {e}"),
@@ -196,13 +169,11 @@ fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-async fn await_agent(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
-    let limit = app.0.config.timeouts.agent_contact;
-    let deadline = remaining(t.timings.launched_at, limit);
+async fn await_agent(c: &StepContext) -> Result<(), StepError> {
+    let limit = c.timeouts().agent_contact;
+    let deadline = remaining(c.t.timings.launched_at, limit);
     wait_for(
-        app,
-        t,
-        provider,
+        c,
         deadline,
         |r| r.enrolled,
         |tail| {
@@ -222,18 +193,17 @@ async fn await_agent(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) 
         },
     )
     .await?;
-    advance(app, t, |r| r.step = Step::Run).await?;
+    c.complete(|_| {}).await?;
     Ok(())
 }
 
-async fn run_script(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
-    let timeout = app.script_timeout(t);
+async fn run_script(c: &StepContext) -> Result<(), StepError> {
+    let t = &c.t;
+    let timeout = c.script_timeout();
     let started = t.timings.script_started_at.or(t.timings.agent_contact_at);
     let deadline = remaining(started, timeout + REPORT_GRACE);
     let r = wait_for(
-        app,
-        t,
-        provider,
+        c,
         deadline,
         |r| r.outcome.is_some(),
         |tail| StepError::fail(FailureReason::Internal, format!("the instance stopped while the script ran; {tail}")),
@@ -247,21 +217,16 @@ async fn run_script(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -
     .await?;
     let outcome = r.outcome.clone().expect("waited for an outcome");
     if outcome.succeeded() {
-        let instruction = provider.after_script();
-        advance(app, t, |r| {
-            r.instruction = instruction;
-            r.step = Step::Seal;
-        })
-        .await?;
+        let instruction = c.provider.after_script();
+        c.complete(|r| r.instruction = instruction).await?;
         return Ok(());
     }
-    advance(app, t, |r| r.instruction = Instruction::Finish).await?;
+    c.advance(|r| r.instruction = Instruction::Finish).await?;
     let reason = match outcome {
         ScriptOutcome::TimedOut { .. } => FailureReason::Timeout,
         _ => FailureReason::ScriptFailed,
     };
-    let committed = app.0.logs.len(t.id).await.unwrap_or(0);
-    let tail_bytes = app.0.logs.read(t.id, committed.saturating_sub(4096), 4096).await.unwrap_or_default();
+    let tail_bytes = c.log_tail(4096).await;
     let tail = last_lines(&String::from_utf8_lossy(&tail_bytes), TAIL_LINES);
     let what = match &outcome {
         ScriptOutcome::TimedOut { after_secs } => {
@@ -272,52 +237,50 @@ async fn run_script(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -
     Err(StepError::fail(reason, format!("{what}; last log lines:\n{tail}")))
 }
 
-async fn seal(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
-    let instance = instance(t)?;
-    let limit = app.0.config.timeouts.seal;
-    let poll = provider.poll_interval(&t.cloud).unwrap_or(app.0.config.timeouts.poll_interval);
-    let mut deadline = remaining(t.timings.script_finished_at, limit);
-    let mut forced = false;
-    loop {
-        match call("instance state", || provider.state(&t.cloud, &instance)).await? {
-            InstanceState::Stopped => break,
-            InstanceState::Gone => {
-                return Err(StepError::fail(
+/// Polls the instance until it has stopped (`true`), or until `deadline` (`false`).
+async fn wait_stopped(c: &StepContext, instance: &InstanceId, deadline: Instant) -> Result<bool, StepError> {
+    let wait = Wait { what: "instance state", poll: c.poll_interval(), deadline, changes: None };
+    let stopped = wait
+        .until(|_| async move {
+            match c.provider.state(&c.t.cloud, instance).await? {
+                InstanceState::Stopped => Ok(Look::Ready(())),
+                InstanceState::Gone => Err(LookError::Step(StepError::fail(
                     FailureReason::Provider,
                     "the instance disappeared before it could be imaged",
-                ));
+                ))),
+                InstanceState::Pending | InstanceState::Running => Ok(Look::NotYet),
             }
-            InstanceState::Pending | InstanceState::Running => {}
+        })
+        .await?;
+    Ok(stopped.is_some())
+}
+
+async fn seal(c: &StepContext) -> Result<(), StepError> {
+    let t = &c.t;
+    let instance = c.instance()?;
+    let limit = c.timeouts().seal;
+    let mut forced = false;
+    if !wait_stopped(c, &instance, remaining(t.timings.script_finished_at, limit)).await? {
+        tracing::warn!("the instance did not power off after sealing; stopping it");
+        call("stop", || c.provider.stop(&t.cloud, &instance)).await?;
+        forced = true;
+        if !wait_stopped(c, &instance, Instant::now() + limit).await? {
+            let tail = console_tail(c, &instance).await;
+            return Err(StepError::fail(
+                FailureReason::Provider,
+                format!("the instance did not stop within {}s of being stopped; {tail}", limit.as_secs()),
+            ));
         }
-        if Instant::now() >= deadline {
-            if forced {
-                let tail = console_tail(provider, t, &instance).await;
-                return Err(StepError::fail(
-                    FailureReason::Provider,
-                    format!("the instance did not stop within {}s of being stopped; {tail}", limit.as_secs()),
-                ));
-            }
-            tracing::warn!("the instance did not power off after sealing; stopping it");
-            call("stop", || provider.stop(&t.cloud, &instance)).await?;
-            forced = true;
-            deadline = Instant::now() + limit;
-        }
-        tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
     }
     // Sealed means powered off with the agent's report that every file
     // system was scrubbed: without it the disk may still hold the token and
     // whatever the script removed, so no image is made of it.
     if t.instruction == Instruction::Seal {
-        let r =
-            app.0.store.target(t.id)?.ok_or_else(|| StepError::fail(FailureReason::Internal, "the target vanished"))?;
+        let r = c.record()?;
         check_seal(r.seal.as_ref(), forced, limit)?;
     }
     let stopped = Timestamp::now();
-    advance(app, t, |r| {
-        r.timings.sealed_at = Some(stopped);
-        r.step = Step::Snapshot;
-    })
-    .await?;
+    c.complete(|r| r.timings.sealed_at = Some(stopped)).await?;
     Ok(())
 }
 
@@ -360,22 +323,22 @@ fn check_seal(report: Option<&SealReport>, forced: bool, limit: Duration) -> Res
     Ok(())
 }
 
-async fn snapshot(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
-    let instance = instance(t)?;
-    let rev = app.revision(&t.generator, Some(t.revision))?;
-    let provenance = provenance(t, rev.script_sha256);
+async fn snapshot(c: &StepContext) -> Result<(), StepError> {
+    let t = &c.t;
+    let instance = c.instance()?;
+    let provenance = provenance(t, c.script_sha256()?);
     let name = format!("kiln-{}-r{}-{}", t.generator, t.revision, t.id);
     let image = match &t.image_id {
         Some(id) => ImageId(id.clone()),
         None => {
             failpoint::hit("start-image:before-call").await;
-            let id = call("create image", || provider.start_image(&t.cloud, &instance, &name, &provenance)).await?;
+            let id = call("create image", || c.provider.start_image(&t.cloud, &instance, &name, &provenance)).await?;
             failpoint::hit("start-image:after-call").await;
-            advance(app, t, |r| r.image_id = Some(id.0.clone())).await?;
+            c.advance(|r| r.image_id = Some(id.0.clone())).await?;
             id
         }
     };
-    let info = wait_image(app, t, provider, &image).await?;
+    let info = wait_image(c, &image).await?;
     failpoint::hit("wait-image:ready").await;
     let now = Timestamp::now();
     let record = Image {
@@ -389,67 +352,49 @@ async fn snapshot(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> 
         provenance,
     };
     tracing::info!(image = %image, "image ready");
-    advance(app, t, |r| {
+    c.complete(|r| {
         r.image = Some(record.clone());
         r.timings.image_ready_at.get_or_insert(now);
-        r.step = Step::Record;
     })
     .await?;
     Ok(())
 }
 
-/// Polls the image until it is usable: one look per poll, and a transient
-/// error costs that poll only (retried at the next), not the whole wait.
-async fn wait_image(
-    app: &App,
-    t: &TargetRecord,
-    provider: &Arc<dyn Provider>,
-    image: &ImageId,
-) -> Result<ImageInfo, StepError> {
-    let poll = provider.poll_interval(&t.cloud).unwrap_or(app.0.config.timeouts.poll_interval);
-    let limit = provider.image_timeout(&t.cloud);
-    let deadline = remaining(t.timings.sealed_at, limit);
-    let mut transient = 0u32;
-    loop {
-        match provider.image_state(&t.cloud, image).await {
-            Ok(ImageProgress::Ready(info)) => return Ok(info),
-            Ok(ImageProgress::Pending) => transient = 0,
-            Err(e) if e.is_transient() && transient < MAX_TRANSIENT_POLLS => {
-                transient += 1;
-                tracing::warn!(error = %e, transient, "image state: retrying at the next poll");
-            }
-            Err(e) => return Err(StepError::fail(FailureReason::Provider, format!("wait for image: {e}"))),
-        }
-        if Instant::now() >= deadline {
-            return Err(StepError::fail(
-                FailureReason::Provider,
-                format!(
-                    "image {image} was not usable within {}s; raise the cloud's image_timeout_secs",
-                    limit.as_secs()
-                ),
-            ));
-        }
-        tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
-    }
+/// Polls the image until it is usable.
+async fn wait_image(c: &StepContext, image: &ImageId) -> Result<ImageInfo, StepError> {
+    let limit = c.provider.image_timeout(&c.t.cloud);
+    let deadline = remaining(c.t.timings.sealed_at, limit);
+    let wait = Wait { what: "wait for image", poll: c.poll_interval(), deadline, changes: None };
+    let info = wait
+        .until(|_| async move {
+            Ok::<_, LookError>(match c.provider.image_state(&c.t.cloud, image).await? {
+                ImageProgress::Ready(info) => Look::Ready(info),
+                ImageProgress::Pending => Look::NotYet,
+            })
+        })
+        .await?;
+    info.ok_or_else(|| {
+        StepError::fail(
+            FailureReason::Provider,
+            format!("image {image} was not usable within {}s; raise the cloud's image_timeout_secs", limit.as_secs()),
+        )
+    })
 }
 
-async fn record(app: &App, t: &TargetRecord) -> Result<(), StepError> {
-    let image = t.image.clone().ok_or_else(|| StepError::fail(FailureReason::Internal, "no image to record"))?;
+async fn record(c: &StepContext) -> Result<(), StepError> {
+    let image = c.t.image.clone().ok_or_else(|| StepError::fail(FailureReason::Internal, "no image to record"))?;
     // One transaction: the image is never recorded without the step moving
     // past it, so an unwind can never delete a recorded image.
-    app.0.store.record_output(t.id, &image, |r| r.step = Step::CleanUp)?;
-    app.0.store.flush().await?;
-    app.notify();
-    Ok(())
+    c.complete_with_output(&image).await
 }
 
-async fn clean_up(app: &App, t: &TargetRecord, provider: &Arc<dyn Provider>) -> Result<(), StepError> {
+async fn clean_up(c: &StepContext) -> Result<(), StepError> {
+    let t = &c.t;
     if let Some(instance) = t.instance.clone().map(InstanceId) {
-        call("terminate", || provider.terminate(&t.cloud, &instance)).await?;
+        call("terminate", || c.provider.terminate(&t.cloud, &instance)).await?;
         failpoint::hit("terminate:after-call").await;
     }
-    advance(app, t, |r| {
-        r.step = Step::Done;
+    c.complete(|r| {
         r.status = Status::Successful;
         r.instruction = Instruction::Finish;
         r.timings.finished_at.get_or_insert(Timestamp::now());

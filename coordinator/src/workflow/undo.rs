@@ -12,10 +12,10 @@ use kiln_protocol::Timestamp;
 use kiln_protocol::agent::Instruction;
 use kiln_protocol::api::{FailureReason, Status};
 
-use super::steps::{provider, with_credentials};
-use super::{StepError, plan};
-use crate::app::App;
+use super::plan::{self, Undo};
+use super::{Host, StepError, steps};
 use crate::failpoint;
+use crate::pki::TokenHash;
 use crate::providers::{ImageId, InstanceId, ProviderError};
 use crate::store::records::TargetRecord;
 
@@ -36,14 +36,14 @@ enum Left {
     Permanent(Vec<String>),
 }
 
-pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError> {
+pub(super) async fn unwind(host: &dyn Host, t: &TargetRecord) -> Result<(), StepError> {
     // Tell a live agent to stop before its instance goes away.
-    app.0.store.update_target(t.id, |r| r.instruction = Instruction::Finish)?;
-    app.notify();
+    host.store().update_target(t.id, |r| r.instruction = Instruction::Finish)?;
+    host.notify();
     let mut delay = FIRST_RETRY_DELAY;
     let started = tokio::time::Instant::now();
     let problems = loop {
-        match remove(app, t).await? {
+        match remove(host, t).await? {
             Left::Nothing => break Vec::new(),
             Left::Permanent(problems) => break problems,
             Left::Transient(what) if started.elapsed() >= GIVE_UP_AFTER => {
@@ -54,17 +54,17 @@ pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError>
             }
             Left::Transient(what) => {
                 tracing::warn!(%what, ?delay, "clean-up pending: retrying");
-                app.0.store.update_target(t.id, |r| r.cleanup_pending = Some(what.clone()))?;
-                app.0.store.flush().await?;
-                app.notify();
+                host.store().update_target(t.id, |r| r.cleanup_pending = Some(what.clone()))?;
+                host.store().flush().await?;
+                host.notify();
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
         }
     };
-    app.0.store.remove_token(&app.token_hash(t.id).0)?;
+    host.store().remove_token(&TokenHash::of(&host.enrollment_token(t.id)).0)?;
     let cancelled = t.error.as_ref().is_some_and(|e| e.reason == FailureReason::Cancelled);
-    app.0.store.update_target(t.id, |r| {
+    host.store().update_target(t.id, |r| {
         if let Some(err) = r.error.as_mut() {
             for p in &problems {
                 err.message.push_str("; clean-up: ");
@@ -75,23 +75,23 @@ pub(super) async fn unwind(app: &App, t: &TargetRecord) -> Result<(), StepError>
         r.status = if cancelled { Status::Cancelled } else { Status::Failed };
         r.timings.finished_at.get_or_insert(Timestamp::now());
     })?;
-    app.0.store.flush().await?;
-    app.notify();
+    host.store().flush().await?;
+    host.notify();
     tracing::info!(cancelled, "target unwound");
     Ok(())
 }
 
 /// One attempt at removing the half-made image and the instance, from the
 /// record as it is now (what an earlier attempt removed is not tried again).
-async fn remove(app: &App, t: &TargetRecord) -> Result<Left, StepError> {
-    let t = app.target_record(t.id)?;
-    let undo = plan::undo(&t);
-    if undo.delete_image.is_none() && undo.terminate.is_none() {
+async fn remove(host: &dyn Host, t: &TargetRecord) -> Result<Left, StepError> {
+    let t = host.target_record(t.id)?;
+    let undo = plan::undo(steps::SAGA, &t);
+    if undo.is_empty() {
         return Ok(Left::Nothing);
     }
     // Without the provider or the cloud's credentials nothing can be undone:
     // the target still ends, and its error says what to remove by hand.
-    let (provider, t) = match provider(app, &t).and_then(|p| Ok((p, with_credentials(app, &t)?))) {
+    let (provider, cloud) = match host.provider(&t).and_then(|p| Ok((p, host.with_credentials(&t.cloud, t.build)?))) {
         Ok(found) => found,
         Err(e) => return Ok(Left::Permanent(vec![e.to_string()])),
     };
@@ -104,26 +104,35 @@ async fn remove(app: &App, t: &TargetRecord) -> Result<Left, StepError> {
             permanent.push(format!("{what} ({e}); {by_hand}"));
         }
     };
-    if let Some(image) = undo.delete_image.map(ImageId) {
-        match provider.delete_image(&t.cloud, &image).await {
-            Ok(()) => {
-                failpoint::hit("unwind:after-delete-image").await;
-                app.0.store.update_target(t.id, |r| r.image_id = None)?;
-                tracing::info!(%image, "half-made image deleted");
+    // Last made first, as the table says.
+    for (action, resource) in undo {
+        match action {
+            Undo::DeleteImage => {
+                let image = ImageId(resource);
+                match provider.delete_image(&cloud, &image).await {
+                    Ok(()) => {
+                        failpoint::hit("unwind:after-delete-image").await;
+                        host.store().update_target(t.id, |r| r.image_id = None)?;
+                        tracing::info!(%image, "half-made image deleted");
+                    }
+                    Err(e) => refused(e, format!("image {image} could not be deleted"), "delete it by hand"),
+                }
             }
-            Err(e) => refused(e, format!("image {image} could not be deleted"), "delete it by hand"),
+            Undo::TerminateInstance => {
+                let instance = InstanceId(resource);
+                match provider.terminate(&cloud, &instance).await {
+                    Ok(()) => {
+                        failpoint::hit("unwind:after-terminate").await;
+                        tracing::info!(%instance, "instance terminated");
+                    }
+                    Err(e) => {
+                        refused(e, format!("instance {instance} could not be terminated"), "terminate it by hand");
+                    }
+                }
+            }
         }
     }
-    if let Some(instance) = undo.terminate.map(InstanceId) {
-        match provider.terminate(&t.cloud, &instance).await {
-            Ok(()) => {
-                failpoint::hit("unwind:after-terminate").await;
-                tracing::info!(%instance, "instance terminated");
-            }
-            Err(e) => refused(e, format!("instance {instance} could not be terminated"), "terminate it by hand"),
-        }
-    }
-    app.0.store.flush().await?;
+    host.store().flush().await?;
     Ok(if !transient.is_empty() {
         Left::Transient(transient.join("; "))
     } else if !permanent.is_empty() {
