@@ -96,6 +96,11 @@ impl App {
                     continue;
                 }
             };
+            // Targets still running when the listing starts keep what it
+            // finds of them, even if they end before it is looked at: their
+            // own unwind is removing it (a server being deleted is still
+            // listed), and a next run sees whatever it missed.
+            let busy: HashSet<TargetId> = self.0.store.unfinished_targets()?.into_iter().map(|t| t.id).collect();
             let owned = match provider.owned(&with_credentials).await {
                 Ok(owned) => owned,
                 Err(e) => {
@@ -109,7 +114,10 @@ impl App {
                 if !seen.insert((resource.kind, resource.id.clone(), resource.region.clone())) {
                     continue;
                 }
-                let known = self.target_known(resource.target);
+                let known = match resource.target {
+                    Some(t) if busy.contains(&t) => TargetKnown::Unfinished,
+                    target => self.target_known(target),
+                };
                 let Some(why) = verdict(&resource, &known, &protected) else { continue };
                 let garbage = Garbage {
                     cloud: cloud.name.clone(),
