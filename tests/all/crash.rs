@@ -127,7 +127,10 @@ async fn crash(bed: Bed, chain: &Chain) {
         Status::Successful => {
             let image = recorded.as_deref().expect("a successful target has its image");
             if let Bed::Local = bed {
-                assert!(Path::new(image).join("disk.qcow2").exists(), "the recorded image is kept after crashes at {point}");
+                assert!(
+                    Path::new(image).join("disk.qcow2").exists(),
+                    "the recorded image is kept after crashes at {point}"
+                );
             }
         }
         Status::Failed => {
@@ -143,7 +146,10 @@ async fn crash(bed: Bed, chain: &Chain) {
         }
         (Bed::Openstack(fake), Some(image)) => {
             let kept = fake.images().into_iter().find(|i| &i.id == image).expect("the recorded image is in Glance");
-            assert!(!kept.deleted && kept.status == "active", "the recorded image is kept after crashes at {point}: {kept:?}");
+            assert!(
+                !kept.deleted && kept.status == "active",
+                "the recorded image is kept after crashes at {point}: {kept:?}"
+            );
         }
         _ => {}
     }
@@ -151,7 +157,8 @@ async fn crash(bed: Bed, chain: &Chain) {
     let report: JanitorReport = client.get("/v1/janitor").await.unwrap();
     assert!(report.found.is_empty() && report.skipped.is_empty(), "the janitor found leftovers: {report:#?}");
     logs.push(last.stderr());
-    let swept: Vec<&str> = logs.iter().flat_map(|l| l.lines()).filter(|l| l.contains("janitor removed a leftover")).collect();
+    let swept: Vec<&str> =
+        logs.iter().flat_map(|l| l.lines()).filter(|l| l.contains("janitor removed a leftover")).collect();
     assert!(swept.is_empty(), "after crashes at {point} the janitor had to remove {swept:#?}");
     let left = bed.leftovers(&data, recorded.as_deref()).await;
     assert!(left.is_empty(), "after crashes at {point} the cloud still holds {left:?}");
