@@ -30,18 +30,11 @@ async fn serve(data: &Path, port: u16) -> (KilnProcess, Client) {
     let listen = format!("127.0.0.1:{port}");
     let tiny_dir = tiny_dir();
     let args = ["serve", "--data-dir", data.to_str().unwrap(), "--listen", &listen, "--image-dir", &tiny_dir];
-    let mut kiln = KilnProcess::spawn(
+    let kiln = KilnProcess::spawn(
         args.iter().copied().chain(["--agent-listen", "127.0.0.1:0", "--bootstrap-listen", "127.0.0.1:0"]),
         data.parent().unwrap(),
     );
-    assert!(
-        kiln.wait_for_stderr("kiln coordinator listening", START_LIMIT).await,
-        "serve did not start: {}",
-        kiln.stderr()
-    );
-    let token = std::fs::read_to_string(data.join(kiln_coordinator::app::access::ADMIN_TOKEN_FILE))
-        .expect("serve wrote the admin token");
-    (kiln, Client::new(&format!("http://{listen}")).unwrap().with_token(token))
+    kiln_tests::crash_bed::listening(kiln, data, &listen).await
 }
 
 /// A generator file for the local cloud running `script` on the tiny image.

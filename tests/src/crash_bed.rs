@@ -66,7 +66,13 @@ pub async fn serve(data: &Path, ports: &Ports, env: Option<&[(&str, &str)]>) -> 
         Some(env) => (crate::failpoint_kiln_binary(), env),
         None => (crate::kiln_binary(), &[]),
     };
-    let mut kiln = KilnProcess::spawn_with(&binary, args, data.parent().unwrap(), env);
+    let kiln = KilnProcess::spawn_with(&binary, args, data.parent().unwrap(), env);
+    listening(kiln, data, &listen).await
+}
+
+/// Waits until a started `kiln serve` on `data` listens on `listen`, and
+/// gives a client with the admin token it wrote.
+pub async fn listening(mut kiln: KilnProcess, data: &Path, listen: &str) -> (KilnProcess, Client) {
     assert!(
         kiln.wait_for_stderr("kiln coordinator listening", START_LIMIT).await,
         "serve did not start: {}",
